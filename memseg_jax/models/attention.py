@@ -1,0 +1,45 @@
+"""The self-attention block of MCIBI (the reference's `SelfAttentionBlock` as MCIBI configures it).
+
+query = two 1x1 CBR on the query input; key = two 1x1 CBR (own weights) on the key input;
+value = one 1x1 CBR on the key input; A = softmax_keys(T^-1/2 q k^T); out = 1x1 CBR(A v).
+No residual. Attention spans all H*W positions of each image. Submodule names follow the
+reference state_dict (`query_project_0` <-> `query_project.0`, `value_project` <->
+`value_project`, ...).
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from memseg_jax.models.layers import ConvBNAct
+
+
+class SelfAttentionBlock(nn.Module):
+  transform_channels: int = 256
+  out_channels: int = 512
+  act: str = 'relu'
+  train: bool = False
+  axis_name: Optional[str] = None
+  bn_momentum: float = 0.1
+  bn_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  def _cbr(self, features, name):
+    return ConvBNAct(features, 1, act=self.act, train=self.train, axis_name=self.axis_name,
+                     bn_momentum=self.bn_momentum, bn_eps=self.bn_eps, dtype=self.dtype, name=name)
+
+  @nn.compact
+  def __call__(self, query_feats, key_feats):
+    b, h, w, _ = query_feats.shape
+    t = self.transform_channels
+    q = self._cbr(t, 'query_project_1')(self._cbr(t, 'query_project_0')(query_feats))
+    k = self._cbr(t, 'key_project_1')(self._cbr(t, 'key_project_0')(key_feats))
+    v = self._cbr(t, 'value_project')(key_feats)
+    q = q.reshape(b, h * w, t)                                   # (B, N, T)
+    k = k.reshape(b, -1, t)                                      # (B, M, T)
+    v = v.reshape(b, -1, t)                                      # (B, M, T)
+    sim = jnp.einsum('bnt,bmt->bnm', q, k) * (t ** -0.5)
+    sim = nn.softmax(sim.astype(jnp.float32), axis=-1).astype(v.dtype)
+    context = jnp.einsum('bnm,bmt->bnt', sim, v).reshape(b, h, w, t)
+    return self._cbr(self.out_channels, 'out_project')(context)
