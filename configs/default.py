@@ -84,6 +84,7 @@ def get_config():
   d.std = (58.395, 57.12, 57.375)
   d.eval_scale = (2048, 512)      # test-time resize (keep_ratio as d.eval_keep_ratio)
   d.eval_keep_ratio = True
+  d.eval_pad_multiple = 64        # eval batches are padded to sizes rounded up to this (few shapes)
   d.shuffle_buffer = 1000
   d.num_parallel_calls = -1       # -1 -> tf.data.AUTOTUNE
   d.prefetch = 2

@@ -1,0 +1,52 @@
+"""A small MCIBI on the built-in `synthetic_scenes` dataset: the whole path in minutes on a CPU.
+
+    python -m memseg_jax.main --config=configs/demo.py --workdir=/tmp/memseg_demo
+
+Generates the dataset on first use (512 training / 64 validation procedurally drawn scenes of
+8 classes, 96-192 px sides, into the tfds data dir), trains a ResNet-18-D8 MCIBI with a narrow
+head from scratch for 320 steps (5 epochs of 64 steps at batch 8, 96x96 crops; the memory loss
+joins at epoch 2), checkpoints, and evaluates on the validation split. On 2 CPU cores it takes
+about 5-10 minutes and ends with a final loss around 1 and a validation mIoU well above chance
+(about 0.4-0.6; chance is about 0.07). Run it again to see it resume (nothing left to train,
+so it only re-evaluates).
+"""
+
+from memseg_jax.config_validation import load_sibling_config
+
+default = load_sibling_config(__file__, 'default')
+
+
+def get_config():
+  config = default.get_config()
+  m = config.model
+  m.name = 'mcibi'
+  m.num_classes = 8
+  m.backbone.depth = 18
+  m.head.feats_channels = 64
+  m.head.dilations = (1, 2, 4, 6)       # the 12x12 feature maps of a 96x96 crop
+  m.memory.transform_channels = 32
+  m.memory.out_channels = 64
+  m.auxiliary.channels = 64
+  m.memory.base_lr = 0.05
+  m.memory.use_loss = True
+
+  d = config.data
+  d.name = 'synthetic_scenes'
+  d.num_train_images = 512
+  d.crop_size = (96, 96)
+  d.train_scale = (256, 128)
+  d.eval_scale = (256, 128)
+  d.shuffle_buffer = 256
+
+  t = config.train
+  t.batch_size = 8
+  t.num_epochs = 5
+  t.lr = 0.05
+  t.weight_decay = 1e-4
+  t.log_every_steps = 20
+  t.checkpoint_every_steps = 100
+  t.keep_checkpoints = 2
+
+  config.inference.mode = 'whole'
+  config.eval.batch_size = 8
+  return config

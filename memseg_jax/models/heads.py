@@ -1,0 +1,135 @@
+"""Segmentation heads: the context-within-image modules (ASPP, PPM) and the classifier heads.
+
+- `ASPP`: parallel atrous branches + a global-pool branch, concatenated, 3x3 CBR (DeepLabV3).
+- `PPM`: the pyramid pooling module of PSPNet (adaptive average pooling with PyTorch's bin
+  boundaries, 1x1 CBR per scale, bilinear back, concatenated with the input, 3x3 CBR).
+- `DecoderHead`: CBR (1x1 for the MCIBI decoders, 3x3 for the auxiliary head) -> Dropout2d ->
+  1x1 classifier with bias. This is `decoder_stage1`, `decoder_stage2` and the FCN auxiliary head.
+- `ClassifierHead`: Dropout2d -> 1x1 classifier (the plain DeepLabV3 decoder).
+
+Children are named after the reference state_dict: list entries `name_N`, a conv + BN + act
+`ConvBNAct` (`conv`, `bn`), the classifier conv `classifier`. The pooling branches carry the
+pooling layer at index 0 of their reference Sequential; `memseg_jax.convert` accounts for it.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from memseg_jax import ops
+from memseg_jax.models.layers import BatchNorm, ConvBNAct, Dropout2d, conv, get_activation
+
+
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) averaging matrix of `nn.AdaptiveAvgPool2d` along one axis.
+
+  Bin i spans [floor(i * in / out), ceil((i + 1) * in / out)): bins may overlap when `in_size`
+  is not a multiple of `out_size`, exactly as in PyTorch.
+  """
+  m = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    start = (i * in_size) // out_size
+    end = -((-(i + 1) * in_size) // out_size)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def adaptive_avg_pool(x, out_size: int):
+  """AdaptiveAvgPool2d(out_size) of an NHWC tensor: (B, H, W, C) -> (B, s, s, C)."""
+  ph = jnp.asarray(adaptive_pool_matrix(x.shape[-3], out_size))
+  pw = jnp.asarray(adaptive_pool_matrix(x.shape[-2], out_size))
+  # Averages are taken in float32 whatever the compute dtype, like the global pool of ASPP.
+  pooled = jnp.einsum('ih,bhwc,jw->bijc', ph, x.astype(jnp.float32), pw,
+                      precision=lax.Precision.HIGHEST)
+  return pooled.astype(x.dtype)
+
+
+class _Head(nn.Module):
+  """Fields every head shares (normalisation, activation and dtype settings)."""
+  act: str = 'relu'
+  train: bool = False
+  axis_name: Optional[str] = None
+  bn_momentum: float = 0.1
+  bn_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  def _cbr(self, features, kernel_size=1, dilation=1, name=None):
+    return ConvBNAct(features, kernel_size, dilation=dilation, act=self.act, train=self.train,
+                     axis_name=self.axis_name, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
+                     dtype=self.dtype, name=name)
+
+
+class ASPP(_Head):
+  """Atrous spatial pyramid pooling: (B, H, W, Cin) -> (B, H, W, features)."""
+  features: int = 512
+  dilations: Sequence[int] = (1, 12, 24, 36)
+
+  @nn.compact
+  def __call__(self, x):
+    h, w = x.shape[1:3]
+    outputs = []
+    for i, d in enumerate(self.dilations):
+      # A dilation-1 branch is a 1x1 conv; the others are 3x3 with padding = dilation.
+      k = 1 if d == 1 else 3
+      outputs.append(self._cbr(self.features, k, dilation=d, name=f'parallel_branches_{i}')(x))
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+    pooled = self._cbr(self.features, 1, name='global_branch')(pooled)       # (B, 1, 1, C)
+    outputs.append(ops.resize_bilinear(pooled, (h, w)))
+    x = jnp.concatenate(outputs, axis=-1)
+    return self._cbr(self.features, 3, name='bottleneck')(x)
+
+
+class PPM(_Head):
+  """Pyramid pooling module: (B, H, W, Cin) -> (B, H, W, features)."""
+  features: int = 512
+  pool_scales: Sequence[int] = (1, 2, 3, 6)
+
+  @nn.compact
+  def __call__(self, x):
+    h, w = x.shape[1:3]
+    levels = [x]
+    for i, s in enumerate(self.pool_scales):
+      out = self._cbr(self.features, 1, name=f'branches_{i}')(adaptive_avg_pool(x, s))
+      levels.append(ops.resize_bilinear(out, (h, w)))
+    x = jnp.concatenate(levels, axis=-1)
+    return self._cbr(self.features, 3, name='bottleneck')(x)
+
+
+class DecoderHead(_Head):
+  """conv (no bias) -> BN -> act -> Dropout2d -> 1x1 conv with bias: (B, H, W, C) -> (B, H, W, K).
+
+  `kernel_size` 1 gives the MCIBI decoders, 3 the FCN auxiliary head. Children `conv`, `bn`,
+  `classifier` are indices 0, 1 and 4 of the reference Sequential.
+  """
+  num_classes: int = 150
+  features: int = 512
+  kernel_size: int = 1
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x):
+    x = conv(self.features, self.kernel_size, dtype=self.dtype, name='conv')(x)
+    x = BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
+                  momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype, name='bn')(x)
+    x = get_activation(self.act)(x)
+    x = Dropout2d(self.dropout, deterministic=not self.train)(x)
+    return conv(self.num_classes, 1, use_bias=True, in_features=self.features, dtype=self.dtype,
+                name='classifier')(x)
+
+
+class ClassifierHead(nn.Module):
+  """Dropout2d -> 1x1 conv with bias (DeepLabV3's decoder; the classifier is index 1)."""
+  num_classes: int = 150
+  dropout: float = 0.1
+  train: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_features = x.shape[-1]
+    x = Dropout2d(self.dropout, deterministic=not self.train)(x)
+    return conv(self.num_classes, 1, use_bias=True, in_features=in_features, dtype=self.dtype,
+                name='classifier')(x)

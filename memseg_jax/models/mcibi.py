@@ -1,0 +1,175 @@
+"""The MCIBI segmentor (memory on) and the plain DeepLabV3 baseline (memory off).
+
+MCIBI forward (reference `ssseg/modules/models/segmentors/mcibi/mcibi.py`):
+
+    C4, C5 = backbone(images)
+    feats_ms      = context_within_image_module(C5)       # ASPP or PPM
+    memory_input  = bottleneck(C5)                         # F, the pixel representations
+    preds_stage1  = decoder_stage1(F)                      # coarse logits
+    memory, out   = memory_module(F, preds_stage1, feats_ms)
+    preds_stage2  = decoder_stage2(out)                    # final logits (eval output)
+    preds_aux     = auxiliary_decoder(C4)
+
+In training, when labels and the learning rate are given, the memory is then updated from F
+(detached, upsampled to the label size) and, if asked, `decoder_stage2` classifies the *updated*
+memory vectors for the memory loss. This is the order of the reference: the memory read uses
+the previous iteration's memory, the memory loss the new one, and `decoder_stage2`'s BN running
+statistics move twice per step. The update here is local to the device; the train step
+averages the memory across devices.
+
+Losses are computed outside (memseg_jax.losses); the model returns low-resolution logits.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+from memseg_jax import ops
+from memseg_jax.models import memory as memory_lib
+from memseg_jax.models.heads import ASPP, PPM, ClassifierHead, DecoderHead
+from memseg_jax.models.layers import ConvBNAct
+from memseg_jax.models.resnet import ResNet
+
+
+class _Segmentor(nn.Module):
+  """Fields shared by MCIBI and DeepLabV3 (backbone, heads, normalisation, dtype)."""
+  num_classes: int = 150
+  backbone_depth: int = 50
+  output_stride: int = 8
+  contract_dilation: bool = True
+  head_type: str = 'aspp'
+  feats_channels: int = 512
+  dilations: Sequence[int] = (1, 12, 24, 36)
+  pool_scales: Sequence[int] = (1, 2, 3, 6)
+  dropout: float = 0.1
+  aux_enabled: bool = True
+  aux_channels: int = 512
+  aux_dropout: float = 0.1
+  act: str = 'relu'
+  bn_momentum: float = 0.1
+  bn_eps: float = 1e-5
+  ignore_index: int = 255
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  def _norm_kwargs(self, train):
+    return dict(train=train, axis_name=self.axis_name, bn_momentum=self.bn_momentum,
+                bn_eps=self.bn_eps, dtype=self.dtype)
+
+  def _backbone(self, images, train):
+    return ResNet(depth=self.backbone_depth, output_stride=self.output_stride,
+                  contract_dilation=self.contract_dilation, out_indices=(2, 3),
+                  name='backbone_net', **self._norm_kwargs(train))(images)
+
+  def _context_module(self, train, name):
+    kwargs = dict(features=self.feats_channels, act=self.act, name=name,
+                  **self._norm_kwargs(train))
+    if self.head_type == 'aspp':
+      return ASPP(dilations=tuple(self.dilations), **kwargs)
+    if self.head_type == 'ppm':
+      return PPM(pool_scales=tuple(self.pool_scales), **kwargs)
+    raise ValueError(f"model.head.type: unknown context module {self.head_type!r} "
+                     "(expected 'aspp' or 'ppm')")
+
+  def _auxiliary(self, c4, outputs, train):
+    # Built at init so the variables exist for eval-only checkpoints too.
+    if self.aux_enabled and (train or self.is_initializing()):
+      preds_aux = DecoderHead(num_classes=self.num_classes, features=self.aux_channels,
+                              kernel_size=3, dropout=self.aux_dropout, act=self.act,
+                              name='auxiliary_decoder', **self._norm_kwargs(train))(c4)
+      if train:
+        outputs['preds_aux'] = preds_aux.astype(jnp.float32)
+
+
+class MCIBI(_Segmentor):
+  """MCIBI: dataset-level feature memory on top of a DeepLabV3/PSPNet-style head."""
+  transform_channels: int = 256
+  out_channels: int = 512
+  num_feats_per_cls: int = 1
+  use_hard_aggregate: bool = False
+  use_context_within_image: bool = True
+  update_strategy: str = 'cosine_similarity'
+  base_momentum: float = 0.9
+  base_lr: float = 0.01
+  adjust_by_learning_rate: bool = True
+  fused_update: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, labels=None, lr=None,
+               memory_loss: bool = False):
+    """images (B, H, W, 3) normalised float32; labels (B, H, W) int; lr scalar (may be traced).
+
+    Returns {'logits'} in eval; in training also 'preds_stage1', 'preds_aux', 'memory_input'
+    and, with `memory_loss`, 'preds_memory' (K * num_feats_per_cls, K).
+    """
+    norm = self._norm_kwargs(train)
+    c4, c5 = self._backbone(images, train)
+    feats_ms = None
+    if self.use_context_within_image:
+      feats_ms = self._context_module(train, 'context_within_image_module')(c5)
+    memory_input = ConvBNAct(self.feats_channels, 3, act=self.act, name='bottleneck',
+                             **norm)(c5)                                   # (B, h, w, C)
+    decoder_stage1 = DecoderHead(num_classes=self.num_classes, features=self.feats_channels,
+                                 dropout=self.dropout, act=self.act, name='decoder_stage1', **norm)
+    preds_stage1 = decoder_stage1(memory_input)                            # (B, h, w, K)
+    memory_module = memory_lib.FeaturesMemory(
+        num_classes=self.num_classes, feats_channels=self.feats_channels,
+        transform_channels=self.transform_channels, out_channels=self.out_channels,
+        num_feats_per_cls=self.num_feats_per_cls, use_hard_aggregate=self.use_hard_aggregate,
+        use_context_within_image=self.use_context_within_image, act=self.act,
+        name='memory_module', **norm)
+    _, memory_output = memory_module(memory_input, preds_stage1, feats_ms)
+    decoder_stage2 = DecoderHead(num_classes=self.num_classes, features=self.out_channels,
+                                 dropout=self.dropout, act=self.act, name='decoder_stage2', **norm)
+    preds_stage2 = decoder_stage2(memory_output)                           # (B, h, w, K)
+
+    outputs = {'logits': preds_stage2.astype(jnp.float32)}
+    self._auxiliary(c4, outputs, train)
+    if not train:
+      return outputs
+    outputs['preds_stage1'] = preds_stage1.astype(jnp.float32)
+    outputs['memory_input'] = memory_input
+
+    if labels is not None:
+      if lr is None and self.adjust_by_learning_rate:
+        raise ValueError('MCIBI: the memory update needs the learning rate `lr` of this step '
+                         '(model.memory.adjust_by_learning_rate is on)')
+      momentum = memory_lib.momentum_at(
+          lr, base_momentum=self.base_momentum, base_lr=self.base_lr,
+          adjust_by_learning_rate=self.adjust_by_learning_rate)
+      # The update sees F at the label resolution, without gradient (reference: no_grad).
+      # The fused form reaches the same result from the low-resolution F.
+      features = lax.stop_gradient(memory_input).astype(jnp.float32)
+      if not self.fused_update:
+        features = ops.resize_bilinear(features, labels.shape[1:3])      # (B, H, W, C)
+      memory_module.update(features, labels, momentum=momentum, ignore_index=self.ignore_index,
+                           strategy=self.update_strategy, fused=self.fused_update)
+
+    if memory_loss:
+      # The memory after this step's update (the reference's returned tensor aliases it).
+      memory = lax.stop_gradient(memory_module.get_variable('memory', 'memory'))   # (K, n, C)
+      k, n, c = memory.shape
+      preds_memory = decoder_stage2(memory.reshape(k * n, 1, 1, c).astype(self.dtype))
+      outputs['preds_memory'] = preds_memory.reshape(k * n, self.num_classes).astype(jnp.float32)
+    return outputs
+
+
+class DeepLabV3(_Segmentor):
+  """The DeepLabV3 baseline (reference `Deeplabv3`): backbone -> ASPP -> dropout + 1x1."""
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, labels=None, lr=None,
+               memory_loss: bool = False):
+    """Same call as MCIBI; `labels`, `lr` and `memory_loss` are accepted and ignored."""
+    del labels, lr, memory_loss  # no memory in the baseline
+    c4, c5 = self._backbone(images, train)
+    if self.head_type != 'aspp':
+      raise ValueError(f"model.head.type: DeepLabV3 uses ASPP, got {self.head_type!r}")
+    feats = self._context_module(train, 'aspp_net')(c5)
+    logits = ClassifierHead(num_classes=self.num_classes, dropout=self.dropout, train=train,
+                            dtype=self.dtype, name='decoder')(feats)
+    outputs = {'logits': logits.astype(jnp.float32)}
+    self._auxiliary(c4, outputs, train)
+    return outputs
