@@ -1,0 +1,201 @@
+"""Config files: loading them by path, and checking a config before anything is compiled.
+
+`load_config(path)` reads a config file ('configs/ade20k.py', optionally 'configs/ade20k.py:arg')
+the way `--config` does; config files import their base with `load_sibling_config(__file__,
+'default')`, which works from any working directory.
+
+
+`validate(config, num_devices)` raises `ConfigError` for the first value that cannot work; its
+message is one line that names the key, the value and what would be accepted, e.g.
+
+    config.train.batch_size=7 is not divisible by the 8 devices
+
+`memseg_jax.main` prints that line and exits with status 1. Values that only the data pipeline
+can judge (a dataset not prepared yet) are reported by the pipeline itself.
+"""
+
+import importlib.util
+import os
+from typing import Any, Sequence
+
+KNOWN_DATASETS = ('ade20k', 'cityscapes', 'lip', 'cocostuff10k', 'synthetic_scenes')
+MODELS = ('mcibi', 'deeplabv3')
+DEPTHS = (18, 50, 101)
+OUTPUT_STRIDES = (8, 16, 32)
+HEAD_TYPES = ('aspp', 'ppm')
+ACTIVATIONS = ('relu', 'leaky_relu')
+DTYPES = ('float32', 'bfloat16')
+STRATEGIES = ('cosine_similarity', 'mean')
+INFERENCE_MODES = ('whole', 'slide')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def _load_module(path: str):
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file not found: {path}')
+  name = 'memseg_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_sibling_config(config_file: str, name: str):
+  """The config module `name`.py next to `config_file` (a config's `__file__`)."""
+  return _load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name + '.py'))
+
+
+def load_config(path: str):
+  """`get_config()` of a config file; 'file.py:arg' passes `arg` to get_config(arg)."""
+  path, _, arg = path.partition(':')
+  module = _load_module(path)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _get(config, key: str) -> Any:
+  value = config
+  for part in key.split('.'):
+    try:
+      value = value[part]
+    except (KeyError, AttributeError, TypeError):
+      raise ConfigError(f'config.{key} is missing') from None
+  return value
+
+
+def _fail(key, value, why):
+  raise ConfigError(f'config.{key}={value!r} {why}')
+
+
+def _one_of(config, key, allowed: Sequence[Any]):
+  value = _get(config, key)
+  if value not in allowed:
+    _fail(key, value, f'is not one of {", ".join(repr(a) for a in allowed)}')
+  return value
+
+
+def _number(config, key, *, positive=False, non_negative=False, integer=False, at_most=None):
+  value = _get(config, key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    _fail(key, value, 'is not a number')
+  if integer and int(value) != value:
+    _fail(key, value, 'is not an integer')
+  if positive and not value > 0:
+    _fail(key, value, 'must be > 0')
+  if non_negative and not value >= 0:
+    _fail(key, value, 'must be >= 0')
+  if at_most is not None and value > at_most:
+    _fail(key, value, f'must be <= {at_most}')
+  return value
+
+
+def _size_pair(config, key):
+  value = _get(config, key)
+  try:
+    ok = len(value) == 2 and all(int(v) == v and v > 0 for v in value)
+  except TypeError:
+    ok = False
+  if not ok:
+    _fail(key, tuple(value) if isinstance(value, (list, tuple)) else value,
+          'must be two positive integers (height, width)')
+  return tuple(int(v) for v in value)
+
+
+def _positive_sequence(config, key, *, allow_empty=False):
+  value = _get(config, key)
+  try:
+    items = list(value)
+    ok = (allow_empty or items) and all(float(v) > 0 for v in items)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    _fail(key, value, 'must be a non-empty sequence of positive numbers')
+  return items
+
+
+def validate(config, num_devices: int = 1) -> None:
+  """Raises ConfigError (one line, naming the key) for the first unusable value."""
+  # model
+  name = _one_of(config, 'model.name', MODELS)
+  _number(config, 'model.num_classes', positive=True, integer=True, at_most=254)
+  _one_of(config, 'model.dtype', DTYPES)
+  _one_of(config, 'model.act', ACTIVATIONS)
+  _number(config, 'model.bn_eps', positive=True)
+  _number(config, 'model.bn_momentum', non_negative=True, at_most=1)
+  _one_of(config, 'model.backbone.depth', DEPTHS)
+  _one_of(config, 'model.backbone.output_stride', OUTPUT_STRIDES)
+  head_type = _one_of(config, 'model.head.type', HEAD_TYPES)
+  if name == 'deeplabv3' and head_type != 'aspp':
+    _fail('model.head.type', head_type, "must be 'aspp' for model.name='deeplabv3'")
+  _number(config, 'model.head.feats_channels', positive=True, integer=True)
+  _positive_sequence(config, 'model.head.dilations')
+  _positive_sequence(config, 'model.head.pool_scales')
+  _number(config, 'model.head.dropout', non_negative=True, at_most=1)
+  if _get(config, 'model.auxiliary.enabled'):
+    _number(config, 'model.auxiliary.channels', positive=True, integer=True)
+    _number(config, 'model.auxiliary.dropout', non_negative=True, at_most=1)
+  if name == 'mcibi':
+    _number(config, 'model.memory.num_feats_per_cls', positive=True, integer=True)
+    _number(config, 'model.memory.transform_channels', positive=True, integer=True)
+    _number(config, 'model.memory.out_channels', positive=True, integer=True)
+    _one_of(config, 'model.memory.update_strategy', STRATEGIES)
+    _number(config, 'model.memory.base_momentum', non_negative=True)
+    if _get(config, 'model.memory.adjust_by_learning_rate'):
+      _number(config, 'model.memory.base_lr', positive=True)
+
+  # loss weights
+  for key in ('stage2', 'stage1', 'aux', 'memory'):
+    _number(config, f'loss.{key}', non_negative=True)
+
+  # data
+  data_name = _get(config, 'data.name')
+  if str(data_name).partition('/')[0] not in KNOWN_DATASETS:
+    _fail('data.name', data_name, f'is not one of {", ".join(repr(a) for a in KNOWN_DATASETS)}')
+  ignore = _number(config, 'data.ignore_index', integer=True)
+  if 0 <= ignore < _get(config, 'model.num_classes'):
+    _fail('data.ignore_index', ignore, 'must not be a class index (< model.num_classes)')
+  _size_pair(config, 'data.crop_size')
+  _size_pair(config, 'data.train_scale')
+  _size_pair(config, 'data.eval_scale')
+  ratio = _get(config, 'data.ratio_range')
+  if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+    _fail('data.ratio_range', tuple(ratio), 'must be (low, high) with 0 < low <= high')
+  _number(config, 'data.flip_prob', non_negative=True, at_most=1)
+  _number(config, 'data.rotate_prob', non_negative=True, at_most=1)
+  _number(config, 'data.cat_max_ratio', positive=True, at_most=1)
+  for key in ('data.mean', 'data.std'):
+    if len(_get(config, key)) != 3:
+      _fail(key, tuple(_get(config, key)), 'must have 3 values (R, G, B)')
+  _positive_sequence(config, 'data.std')
+  _number(config, 'data.num_train_images', positive=True, integer=True)
+
+  # train
+  batch = _number(config, 'train.batch_size', positive=True, integer=True)
+  if batch % num_devices:
+    raise ConfigError(f'config.train.batch_size={batch} is not divisible by the '
+                      f'{num_devices} devices')
+  if _get(config, 'train.num_train_steps') <= 0:
+    _number(config, 'train.num_epochs', positive=True, integer=True)
+  _number(config, 'train.num_train_steps', integer=True)
+  _number(config, 'train.lr', positive=True)
+  lr_min = _get(config, 'train.lr_min')
+  if lr_min > _get(config, 'train.lr'):
+    _fail('train.lr_min', lr_min, 'must be <= config.train.lr (or < 0 for 1% of it)')
+  _number(config, 'train.lr_power', positive=True)
+  _number(config, 'train.momentum', non_negative=True, at_most=1)
+  _number(config, 'train.weight_decay', non_negative=True)
+  _number(config, 'train.log_every_steps', positive=True, integer=True)
+  _number(config, 'train.checkpoint_every_steps', positive=True, integer=True)
+  _number(config, 'train.keep_checkpoints', positive=True, integer=True)
+  _number(config, 'train.eval_every_steps', non_negative=True, integer=True)
+
+  # eval / inference
+  _number(config, 'eval.batch_size', positive=True, integer=True)
+  _one_of(config, 'inference.mode', INFERENCE_MODES)
+  _size_pair(config, 'inference.crop_size')
+  _size_pair(config, 'inference.stride')
+  _number(config, 'inference.windows_per_call', positive=True, integer=True)
+  _positive_sequence(config, 'inference.scales')

@@ -1,0 +1,88 @@
+"""Entry point: flags, config, distributed set-up; calls training or evaluation.
+
+    python -m memseg_jax.main --config=configs/demo.py --workdir=/tmp/memseg_demo
+    python -m memseg_jax.main --config=configs/ade20k.py --workdir=DIR --config.train.batch_size=8
+    python -m memseg_jax.main --mode=eval --config=configs/ade20k.py --workdir=DIR
+
+`--mode=train` trains (resuming from the workdir's latest checkpoint) and, when
+config.train.final_eval is set, evaluates at the end; `--mode=eval` evaluates
+config.eval.checkpoint or the latest checkpoint of the workdir. The config is validated before
+anything is compiled; a wrong value, a dataset that is not prepared or a checkpoint that does
+not fit the config ends the run with one message and exit status 1 (no traceback).
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'config file (configs/*.py); override values with --config.x.y=value',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, logs and results')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (then evaluate) or eval only')
+
+
+def _user_errors():
+  """Exceptions that mean bad input (config, data, checkpoint), reported as one message."""
+  from memseg_jax import checkpoint, config_validation, train  # pylint: disable=import-outside-toplevel
+  errors = [config_validation.ConfigError, checkpoint.CheckpointMismatchError,
+            train.NonFiniteLossError, FileNotFoundError]
+  try:
+    from memseg_jax.datasets import PreparationError  # pylint: disable=import-outside-toplevel
+    errors.append(PreparationError)
+  except ImportError:
+    pass
+  return tuple(errors)
+
+
+def _prepare_synthetic_data(config):
+  """The built-in synthetic_scenes dataset is generated on first use (no download involved)."""
+  if not config.data.name.startswith('synthetic_scenes'):
+    return
+  from memseg_jax import datasets  # pylint: disable=import-outside-toplevel
+  builder = datasets.get_builder(config.data.name, config.data.data_dir or None)
+  if not datasets.is_prepared(builder):
+    logging.info('generating %s into %s (first use)', config.data.name, builder.data_dir)
+    datasets.download_and_prepare(builder)
+
+
+def run(config, workdir: str, mode: str = 'train'):
+  """Validates `config`, then trains or evaluates (library entry, also used by tests)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from memseg_jax import config_validation  # pylint: disable=import-outside-toplevel
+  config_validation.validate(config, jax.device_count())
+  from memseg_jax import input_pipeline, train  # pylint: disable=import-outside-toplevel
+  # tf.data must not grab the accelerators JAX uses.
+  input_pipeline.hide_accelerators_from_tf()
+  if mode == 'eval':
+    return train.evaluate_checkpoint(config, workdir)
+  _prepare_synthetic_data(config)
+  return train.train_and_evaluate(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    print('error: --config and --workdir are required', file=sys.stderr)
+    sys.exit(2)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if os.environ.get('MEMSEG_DISTRIBUTED'):
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize()
+  logging.set_verbosity(logging.INFO)
+  # orbax reports every checkpoint write at INFO; keep the log to the training's own lines.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging.converter.STANDARD_WARNING
+      or '/orbax/' not in record.pathname)
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except _user_errors() as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,141 @@
+"""Predict segmentation masks for arbitrary images: palette PNG masks and side-by-side overlays.
+
+    python -m memseg_jax.predict --config=configs/ade20k.py --checkpoint=/path/to/ckpt \
+        --input='photos/*.jpg' --output=/tmp/masks
+
+For every input image (any format PIL reads, converted to RGB) this applies the dataset's
+test-time resize (`config.data.eval_scale`, `eval_keep_ratio`; the same ops as the eval
+pipeline, `memseg_jax.transforms`) and normalisation, runs `evaluate.inference` with the
+config's `inference` block (whole or slide, scales, flip), and writes, under --output, keeping
+the inputs' relative folder layout:
+
+    NAME.png          mode 'P' mask at the original size, palette = the dataset's colours
+    NAME_overlay.png  [original image | mask blended over it]
+
+--checkpoint is a converted checkpoint (`python -m memseg_jax.convert`), a training workdir,
+its `checkpoints` folder or one step folder of it.
+"""
+
+import glob
+import os
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+from absl import app
+import jax
+import numpy as np
+
+from memseg_jax import evaluate
+from memseg_jax import visualize
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm')
+
+
+def find_images(pattern: str) -> List[str]:
+  """Sorted image files of a directory (recursively) or a glob pattern; error if none."""
+  if os.path.isdir(pattern):
+    paths = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
+             if name.lower().endswith(IMAGE_EXTENSIONS)]
+  else:
+    paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+  if not paths:
+    raise FileNotFoundError(f'--input={pattern!r}: no image files found (give a directory or '
+                            f'a glob pattern such as "photos/*.jpg")')
+  return sorted(paths)
+
+
+def read_image(path: str) -> np.ndarray:
+  """(H, W, 3) uint8 RGB; ValueError naming the file if it cannot be decoded."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB'))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'cannot read image {path}: {e}') from e
+
+
+def preprocess(image: np.ndarray, data_config) -> np.ndarray:
+  """Test-time resize + normalisation of a uint8 RGB image, as the eval pipeline does."""
+  from memseg_jax import transforms  # pylint: disable=import-outside-toplevel
+  size = transforms.test_resize_size(image.shape[:2], data_config)
+  resized = transforms.resize_image(image, size)
+  return np.asarray(transforms.normalize(resized, data_config.mean, data_config.std))
+
+
+def load_variables(config, checkpoint_path: str) -> Dict:
+  """Variables from a converted or training checkpoint (see checkpoint.load_eval_variables)."""
+  from memseg_jax import checkpoint, schedules, train  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(checkpoint_path):
+    raise FileNotFoundError(f'--checkpoint: no such file or directory: {checkpoint_path}')
+  config = config.copy_and_resolve_references()
+  config.eval.checkpoint = os.path.abspath(checkpoint_path)
+  config.model.backbone.pretrained = ''   # shapes only; never read the ImageNet file here
+  mesh = train.create_mesh(jax.local_devices()[:1])
+  tx = train.create_optimizer(config, schedules.create_lr_schedule(config, 1))
+  abstract = train.abstract_train_state(config, tx, mesh)
+  variables, _ = checkpoint.load_eval_variables(config, config.eval.checkpoint, abstract)
+  return jax.tree_util.tree_map(np.asarray, variables)
+
+
+def _output_paths(paths: Sequence[str], output_dir: str) -> List[Tuple[str, str]]:
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+  out = []
+  for p in paths:
+    stem = os.path.splitext(os.path.relpath(os.path.abspath(p), root))[0]
+    out.append((os.path.join(output_dir, stem + '.png'),
+                os.path.join(output_dir, stem + '_overlay.png')))
+  return out
+
+
+def predict_images(config, variables, paths: Sequence[str], output_dir: str,
+                   *, model=None, progress: bool = True) -> List[Tuple[str, str]]:
+  """Writes a palette mask and an overlay per image; returns [(mask path, overlay path)]."""
+  from memseg_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  _, palette = evaluate.dataset_metadata(config)
+  settings = evaluate.InferenceSettings.from_config(config)
+  forward_fn = evaluate.make_forward_fn(model or build_model(config))
+  variables = jax.device_put(jax.tree_util.tree_map(np.asarray, variables))
+  outputs = _output_paths(paths, output_dir)
+  for path, (mask_path, overlay_path) in tqdm(list(zip(paths, outputs)), desc='predict',
+                                              unit='img', disable=not progress):
+    image = read_image(path)
+    x = preprocess(image, config.data)
+    scores = evaluate.inference(forward_fn, variables, x[None], out_hw=image.shape[:2],
+                                settings=settings)
+    pred = np.asarray(jax.numpy.argmax(scores[0], axis=-1)).astype(np.uint8)
+    os.makedirs(os.path.dirname(mask_path), exist_ok=True)
+    visualize.mask_to_pil(pred, palette).save(mask_path)
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    row = visualize.side_by_side([image, visualize.overlay(image, pred, palette)])
+    Image.fromarray(row).save(overlay_path)
+  return outputs
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  if config is None or not _CHECKPOINT.value or not _INPUT.value or not _OUTPUT.value:
+    raise app.UsageError('--config, --checkpoint, --input and --output are required')
+  try:
+    paths = find_images(_INPUT.value)
+    variables = load_variables(config, _CHECKPOINT.value)
+    outputs = predict_images(config, variables, paths, os.path.abspath(_OUTPUT.value))
+  except (FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(f'wrote {len(outputs)} masks and overlays to {os.path.abspath(_OUTPUT.value)}')
+
+
+if __name__ == '__main__':
+  # Flags are defined only when run as a program, so importing this module next to
+  # memseg_jax.main (which also defines --config) does not clash.
+  from absl import flags
+  from ml_collections import config_flags
+
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)')
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'converted or training checkpoint dir')
+  _INPUT = flags.DEFINE_string('input', None, 'image directory or glob pattern')
+  _OUTPUT = flags.DEFINE_string('output', None, 'output directory')
+  app.run(main)

@@ -1,0 +1,385 @@
+"""Training: the TrainState, the sharded train step (MCIBI's algorithm), and the loop.
+
+One step on every device of the mesh `('data',)` (spec sections 2, 3 item 4, 4, 5), read as
+the paper's algorithm:
+
+    lr_t   = poly(t)                                    set before the step, t = 0 first
+    forward(local batch, SyncBN over 'data')            memory read = memory of step t-1
+    M_d    = update(M, F_d upsampled, labels_d, lr_t)   per device, from its own images only
+    loss_d = CE(stage2) + 0.4 CE(stage1) + 0.4 CE(aux) [+ memory loss on M_d, epoch >= 2]
+    g      = pmean_d grad(loss_d)                       (DDP's gradient average)
+    M      = pmean_d M_d                                (the reference's all-reduce average)
+    params = SGD(momentum 0.9, weight decay added to g)(params, g, lr_t)
+
+The memory update runs inside the forward (`model.apply(..., mutable=['memory'])`) before the
+losses and the gradient step, like the reference. The memory loss needs a separately compiled
+step (a Python bool), selected per step by the epoch.
+
+The loop (`train_and_evaluate`) resumes from the latest checkpoint of the workdir (the data
+stream restarts at the checkpoint's step), logs every loss term, lr, memory momentum, steps/s,
+images/s and the ETA, checkpoints every `config.train.checkpoint_every_steps` and at the end,
+stops at the first non-finite loss without saving that state, and evaluates at the end.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from memseg_jax import checkpoint as ckpt_lib
+from memseg_jax import losses as losses_lib
+from memseg_jax import schedules
+from memseg_jax.models import build_model
+from memseg_jax.models import memory as memory_lib
+
+AXIS = 'data'
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the message names the step."""
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a training run needs to continue: weights, optimizer, BN stats, memory, step, key.
+
+  `rng` is the base key; the dropout key of step t on device d is fold_in(fold_in(rng, t), d).
+  `memory` is {} for models without a memory (DeepLabV3).
+  """
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+  batch_stats: Any
+  memory: Any
+  rng: jnp.ndarray
+
+  def variables(self) -> Dict[str, Any]:
+    """The model variables {'params', 'batch_stats'[, 'memory']} for `model.apply`."""
+    variables = {'params': self.params, 'batch_stats': self.batch_stats}
+    if self.memory:
+      variables['memory'] = self.memory
+    return variables
+
+
+# ------------------------------------------------------------------------------- construction
+def create_mesh(devices=None) -> Mesh:
+  """The 1-D data-parallel mesh over all devices (classic Auto axes)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def create_optimizer(config, lr_schedule: Callable) -> optax.GradientTransformation:
+  """torch.optim.SGD(momentum, dampening 0, no nesterov, weight_decay) as in the reference.
+
+  The weight decay is added to the gradient of every parameter (BN and biases included) before
+  the momentum buffer: buf = mu * buf + (g + wd * p); p -= lr_t * buf.
+  """
+  t = config.train
+  return optax.chain(
+      optax.add_decayed_weights(float(t.weight_decay)),
+      optax.sgd(lr_schedule, momentum=float(t.momentum), nesterov=False))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model_json: str, ignore_index: int):
+  # One compiled init per model structure (keyed by its config), not per call.
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({'model': json.loads(model_json),
+                                      'data': {'ignore_index': ignore_index}})
+  model = build_model(config, axis_name=None)
+  return jax.jit(functools.partial(model.init, train=False))
+
+
+def init_variables(config, rng, image_size=None) -> Dict[str, Any]:
+  """Fresh model variables (memory zeros), with the pretrained backbone if the config names one."""
+  h, w = image_size or tuple(config.data.crop_size)
+  params_rng, dropout_rng = jax.random.split(rng)
+  images = jnp.zeros((1, h, w, 3), jnp.float32)
+  variables = _jitted_init(config.model.to_json(), config.data.ignore_index)(
+      {'params': params_rng, 'dropout': dropout_rng}, images)
+  variables = flax.core.unfreeze(variables)
+  if config.model.backbone.pretrained:
+    variables = ckpt_lib.load_pretrained_backbone(config, variables)
+  return variables
+
+
+def create_train_state(config, rng, tx: optax.GradientTransformation, image_size=None) -> TrainState:
+  """The step-0 TrainState (on the default device; `replicate` puts it on the mesh)."""
+  init_rng, train_rng = jax.random.split(rng)
+  variables = init_variables(config, init_rng, image_size)
+  params = variables['params']
+  return TrainState(
+      step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
+      batch_stats=variables.get('batch_stats', {}), memory=variables.get('memory', {}),
+      rng=train_rng)
+
+
+def replicate(tree, mesh: Mesh):
+  """Every leaf replicated over the mesh."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def abstract_train_state(config, tx, mesh: Mesh, image_size=None):
+  """ShapeDtypeStructs (with replicated shardings) of this config's TrainState, for restoring."""
+  shapes = jax.eval_shape(
+      lambda: create_train_state(config, jax.random.PRNGKey(0), tx, image_size))
+  sharding = NamedSharding(mesh, P())
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def _abstract_state_without_pretrained(config, tx, mesh, image_size=None):
+  # Shapes do not depend on the pretrained file; don't read it just to get shapes.
+  config = config.copy_and_resolve_references()
+  config.model.backbone.pretrained = ''
+  return abstract_train_state(config, tx, mesh, image_size)
+
+
+# ---------------------------------------------------------------------------------- the step
+def make_train_step(config, model, tx, lr_schedule, mesh: Mesh, *, memory_loss: bool):
+  """jit(shard_map(step)): (state, batch) -> (state, metrics); the state is donated.
+
+  `batch` = {'image': (B, H, W, 3) float32, 'label': (B, H, W) int32} sharded over 'data'
+  (B global); the state is replicated. Metrics are device means of each loss term, plus 'lr'
+  and 'memory_momentum'.
+  """
+  has_memory = config.model.name == 'mcibi'
+  mutable = ['batch_stats', 'memory'] if has_memory else ['batch_stats']
+
+  def step_fn(state: TrainState, batch):
+    lr = lr_schedule(state.step)
+    device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                    lax.axis_index(AXIS))
+    images, labels = batch['image'], batch['label']
+
+    def loss_fn(params):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      if has_memory:
+        variables['memory'] = state.memory
+      # Forward, then this device's memory update (on its own images), then the memory loss on
+      # the updated memory when asked: the reference's order.
+      outputs, new_vars = model.apply(
+          variables, images, train=True, labels=labels, lr=lr, memory_loss=memory_loss,
+          rngs={'dropout': device_rng}, mutable=mutable)
+      losses = losses_lib.compute_losses(outputs, labels, config)
+      return losses['loss_total'], (losses, new_vars)
+
+    (_, (losses, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, AXIS)
+    # SyncBN already computed the statistics over the global batch; the mean only keeps the
+    # replicas bit-identical.
+    batch_stats = lax.pmean(new_vars['batch_stats'], AXIS)
+    memory = state.memory
+    if has_memory:
+      memory = memory_lib.sync_memory(new_vars['memory'], AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = dict(losses)
+    metrics['lr'] = lr
+    if has_memory:
+      metrics['memory_momentum'] = jnp.asarray(schedules.memory_momentum(config, lr), jnp.float32)
+    metrics = lax.pmean(metrics, AXIS)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=batch_stats, memory=memory)
+    return new_state, metrics
+
+  sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                          check_vma=False)
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
+def shard_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays sharded over 'data' (works multi-host)."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in ('image', 'label')}
+
+
+# ----------------------------------------------------------------------------------- the loop
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def save_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+class _MetricsLog:
+  """Host-side running means of the step metrics between two log lines, with finiteness checks."""
+
+  def __init__(self):
+    self.sums: Dict[str, float] = {}
+    self.count = 0
+
+  def add(self, step: int, metrics) -> None:
+    host = jax.device_get(metrics)
+    loss = float(host['loss_total'])
+    if not np.isfinite(loss):
+      raise NonFiniteLossError(f'the loss is {loss} at step {step}')
+    for k, v in host.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.count += 1
+
+  def pop(self) -> Dict[str, float]:
+    means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+    self.sums, self.count = {}, 0
+    return means
+
+
+def _run_evaluation(config, state: TrainState, workdir: str, mesh, step: int, writer):
+  try:
+    from memseg_jax import evaluate  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    logging.warning('evaluation skipped: memseg_jax.evaluate is not available (%s)', e)
+    return None
+  # evaluate() writes its scalars and summary images through the writer itself.
+  results = evaluate.evaluate(config, state.variables(), workdir, mesh=mesh, step=step,
+                              writer=writer)
+  logging.info('evaluation at step %d: mIoU %.4f, mAcc %.4f, aAcc %.4f', step,
+               results.get('mIoU', float('nan')), results.get('mAcc', float('nan')),
+               results.get('aAcc', float('nan')))
+  return results
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = None,
+                       dataset_fn: Optional[Callable[[int], Any]] = None) -> TrainState:
+  """Trains (resuming from the workdir's latest checkpoint) and evaluates; returns the state.
+
+  `stop_at_step` ends the run early after that step (with a checkpoint), as a preemption would;
+  the schedule still runs to the full T. `dataset_fn(start_step)` replaces the input pipeline
+  (an iterator of host batches starting at that step).
+  """
+  from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
+  from memseg_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+
+  workdir = os.path.abspath(workdir)
+  mesh = create_mesh()
+  num_devices = jax.device_count()
+  ipe = input_pipeline.iterations_per_epoch(config, num_devices)
+  total_steps = schedules.num_train_steps(config, ipe)
+  last_step = total_steps if stop_at_step is None else min(int(stop_at_step), total_steps)
+  lr_schedule = schedules.create_lr_schedule(config, total_steps)
+  tx = create_optimizer(config, lr_schedule)
+
+  manager = ckpt_lib.create_manager(workdir, config)
+  start_step = manager.latest_step() or 0
+  # The data first: a missing dataset should fail before anything is compiled.
+  if dataset_fn is None:
+    dataset = input_pipeline.create_train_dataset(
+        config, process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step)
+  else:
+    dataset = dataset_fn(start_step)
+  abstract = _abstract_state_without_pretrained(config, tx, mesh)
+  state = ckpt_lib.restore_latest(manager, abstract)
+  if state is None:
+    state = replicate(create_train_state(config, jax.random.PRNGKey(config.seed), tx), mesh)
+  else:
+    logging.info('resuming from the checkpoint of step %d in %s', start_step, manager.directory)
+  if int(state.step) != start_step:
+    raise RuntimeError(f'checkpoint {start_step} holds step {int(state.step)}')
+
+  save_config(config, workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  model = build_model(config, axis_name=AXIS)
+  steps = {}
+
+  def train_step(memory_loss: bool):
+    if memory_loss not in steps:
+      steps[memory_loss] = make_train_step(config, model, tx, lr_schedule, mesh,
+                                           memory_loss=memory_loss)
+    return steps[memory_loss]
+
+  logging.info('training %s on %s: %d steps (%d per epoch), global batch %d on %d devices, '
+               'workdir %s', config.model.name, config.data.name, total_steps, ipe,
+               config.train.batch_size, num_devices, workdir)
+  log = _MetricsLog()
+  pending = None              # (step, metrics) of the last dispatched step, checked lazily
+  last_saved = manager.latest_step()
+  t_log, steps_since_log = time.time(), 0
+  log_every = int(config.train.log_every_steps)
+
+  def check_pending():
+    nonlocal pending
+    if pending is not None:
+      log.add(*pending)
+      pending = None
+
+  try:
+    for step in range(start_step, last_step):
+      batch = shard_batch(next(dataset), mesh)
+      use_memory_loss = schedules.use_memory_loss(config, step, ipe)
+      new_state, metrics = train_step(use_memory_loss)(state, batch)
+      check_pending()          # the previous step, while this one runs
+      state, pending = new_state, (step, metrics)
+      steps_since_log += 1
+      report_progress(step + 1)
+      done = step + 1
+      is_last = done == last_step
+      if done % log_every == 0 or is_last:
+        check_pending()
+        means = log.pop()
+        elapsed = max(time.time() - t_log, 1e-9)
+        steps_per_sec = steps_since_log / elapsed
+        means['steps_per_sec'] = steps_per_sec
+        means['images_per_sec'] = steps_per_sec * config.train.batch_size
+        means['eta_seconds'] = (total_steps - done) / max(steps_per_sec, 1e-9)
+        means['epoch'] = schedules.epoch_at(step, ipe)
+        writer.write_scalars(done, {f'train/{k}': v for k, v in means.items()})
+        terms = ' '.join(f'{k[5:]} {v:.4f}' for k, v in sorted(means.items())
+                         if k.startswith('loss_'))
+        logging.info('step %d/%d (epoch %d): %s | lr %.3g%s | %.2f steps/s, %.1f img/s, ETA %s',
+                     done, total_steps, means['epoch'], terms, means['lr'],
+                     (f" memory momentum {means['memory_momentum']:.4f}"
+                      if 'memory_momentum' in means else ''),
+                     steps_per_sec, means['images_per_sec'], _format_eta(means['eta_seconds']))
+        t_log, steps_since_log = time.time(), 0
+      if done % int(config.train.checkpoint_every_steps) == 0 or is_last:
+        check_pending()        # never save a state produced by a non-finite loss
+        ckpt_lib.save(manager, done, state)
+        last_saved = done
+      if (config.train.eval_every_steps and done % int(config.train.eval_every_steps) == 0
+          and not is_last):
+        check_pending()
+        _run_evaluation(config, state, workdir, mesh, done, writer)
+    check_pending()
+  except NonFiniteLossError as e:
+    manager.wait_until_finished()
+    kept = f'the last good checkpoint is step {last_saved}' if last_saved else 'no checkpoint kept'
+    raise NonFiniteLossError(f'{e}; training stopped ({kept} in {manager.directory})') from None
+  finally:
+    manager.wait_until_finished()
+    writer.flush()
+
+  if last_step == total_steps and config.train.final_eval:
+    _run_evaluation(config, state, workdir, mesh, int(state.step), writer)
+    writer.flush()
+  manager.close()
+  return state
+
+
+def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
+  """--mode=eval: evaluates config.eval.checkpoint or the latest checkpoint of the workdir."""
+  from memseg_jax import evaluate  # pylint: disable=import-outside-toplevel
+  mesh = create_mesh()
+  tx = create_optimizer(config, schedules.create_lr_schedule(config, 1))
+  abstract = _abstract_state_without_pretrained(config, tx, mesh)
+  variables, step = ckpt_lib.load_eval_variables(config, workdir, abstract)
+  return evaluate.evaluate(config, variables, os.path.abspath(workdir), mesh=mesh,
+                           step=None if step < 0 else step)

@@ -1,0 +1,170 @@
+"""Checkpoints: resuming ends where an uninterrupted run ends; mismatches fail clearly;
+the ImageNet backbone replaces exactly the backbone.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from memseg_jax import checkpoint as ckpt_lib
+from memseg_jax import convert, schedules, train
+from memseg_jax.config_validation import load_config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def _tree_equal(a, b, what):
+  flat_a = jax.tree_util.tree_flatten_with_path(jax.device_get(a))[0]
+  flat_b = jax.tree_util.tree_leaves(jax.device_get(b))
+  assert len(flat_a) == len(flat_b), what
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=f'{what} {jax.tree_util.keystr(path)}')
+
+
+@pytest.fixture(scope='module')
+def synthetic_data_dir(tmp_path_factory):
+  from memseg_jax import datasets
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builder = datasets.get_builder('synthetic_scenes', data_dir)
+  datasets.download_and_prepare(builder)
+  return data_dir
+
+
+def _demo_config(data_dir, steps):
+  config = load_config(os.path.join(CONFIGS, 'demo.py'))
+  config.data.data_dir = data_dir
+  config.data.crop_size = (32, 32)
+  config.train.num_train_steps = steps
+  config.train.checkpoint_every_steps = steps // 2
+  config.train.keep_checkpoints = 3
+  config.train.log_every_steps = 1
+  config.train.final_eval = False
+  return config
+
+
+@pytest.mark.slow
+def test_resume_after_n_steps_ends_like_an_uninterrupted_2n_run(tmp_path, synthetic_data_dir):
+  n = 2
+  config = _demo_config(synthetic_data_dir, 2 * n)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  first = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=n)
+  assert int(first.step) == n
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert int(straight.step) == int(resumed.step) == 2 * n
+  for field in ('params', 'batch_stats', 'memory', 'opt_state', 'rng'):
+    _tree_equal(getattr(straight, field), getattr(resumed, field), field)
+  # The memory really moved (the comparison is not between two zero memories).
+  assert np.abs(np.asarray(jax.tree_util.tree_leaves(resumed.memory)[0])).max() > 0
+
+  # The step-n checkpoint written while the uninterrupted run went on (its state donated to
+  # the next steps) equals the one of the stopped run.
+  mesh = train.create_mesh()
+  tx = train.create_optimizer(config, schedules.create_lr_schedule(config, 2 * n))
+  abstract = train.abstract_train_state(config, tx, mesh)
+  restored = []
+  for name in ('straight', 'resumed'):
+    manager = ckpt_lib.create_manager(str(tmp_path / name), config)
+    assert sorted(manager.all_steps()) == [n, 2 * n]
+    restored.append(manager.restore(n, args=ocp.args.StandardRestore(abstract)))
+    manager.close()
+  _tree_equal(restored[0], restored[1], 'checkpoint at step n')
+  assert os.path.exists(tmp_path / 'straight' / 'config.json')
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, synthetic_data_dir):
+  from memseg_jax import input_pipeline
+  config = _demo_config(synthetic_data_dir, 6)   # checkpoints every 3 steps
+  bad_step = 4
+
+  def poisoned(start_step):
+    for step, batch in enumerate(input_pipeline.create_train_dataset(
+        config, start_step=start_step), start=start_step):
+      if step == bad_step:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield batch
+
+  with pytest.raises(train.NonFiniteLossError, match=f'at step {bad_step}') as e:
+    train.train_and_evaluate(config, str(tmp_path), dataset_fn=poisoned)
+  assert 'the last good checkpoint is step 3' in str(e.value)
+  manager = ckpt_lib.create_manager(str(tmp_path), config)
+  assert manager.all_steps() == [3]
+  manager.close()
+
+
+def test_restoring_a_checkpoint_of_another_shape_names_the_keys(tmp_path):
+  config = load_config(os.path.join(CONFIGS, 'demo.py'))
+  state = train.TrainState(step=jnp.asarray(3, jnp.int32),
+                           params={'head': {'kernel': jnp.ones((2, 3))}, 'old': jnp.zeros(2)},
+                           opt_state=(), batch_stats={}, memory={'m': jnp.zeros((4, 1, 2))},
+                           rng=jax.random.PRNGKey(0))
+  manager = ckpt_lib.create_manager(str(tmp_path), config)
+  ckpt_lib.save(manager, 3, state)
+  manager.wait_until_finished()
+  target = state.replace(params={'head': {'kernel': jnp.ones((2, 5))}, 'new': jnp.zeros(2)})
+  abstract = jax.eval_shape(lambda: target)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    ckpt_lib.restore_latest(manager, abstract)
+  message = str(e.value)
+  assert 'params.head.kernel: (2, 3) in checkpoint' in message and '(2, 5) expected' in message
+  assert 'missing keys: params.new' in message
+  assert 'unexpected keys: params.old' in message
+  # The matching structure restores the saved values.
+  restored = ckpt_lib.restore_latest(manager, jax.eval_shape(lambda: state))
+  assert int(restored.step) == 3
+  manager.close()
+
+
+def test_abstract_states_of_different_configs_differ_in_the_class_dependent_keys():
+  config = load_config(os.path.join(CONFIGS, 'demo.py'))
+  other = load_config(os.path.join(CONFIGS, 'demo.py'))
+  other.model.num_classes = 9
+  mesh = train.create_mesh()
+  tx = train.create_optimizer(config, schedules.create_lr_schedule(config, 10))
+  a = ckpt_lib.leaf_shapes(train.abstract_train_state(config, tx, mesh))
+  b = ckpt_lib.leaf_shapes(train.abstract_train_state(other, tx, mesh))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    ckpt_lib.check_tree_matches(b, a, 'checkpoint X')
+  message = str(e.value)
+  assert 'memory.memory_module.memory: (8, 1, 64) in checkpoint X, (9, 1, 64) expected' in message
+  assert 'params.decoder_stage2.classifier.bias: (8,) in checkpoint X, (9,) expected' in message
+
+
+@pytest.mark.slow
+def test_pretrained_backbone_replaces_only_the_backbone(tmp_path):
+  config = load_config(os.path.join(CONFIGS, 'demo.py'))
+  config.data.crop_size = (32, 32)
+  fresh = train.init_variables(config, jax.random.PRNGKey(0))
+  donor = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1.5, fresh)   # any other values
+  path = convert.save_variables(str(tmp_path / 'imagenet'), {
+      'params': {'backbone_net': donor['params']['backbone_net']},
+      'batch_stats': {'backbone_net': donor['batch_stats']['backbone_net']}})
+  config.model.backbone.pretrained = path
+  loaded = train.init_variables(config, jax.random.PRNGKey(0))
+  for collection in ('params', 'batch_stats'):
+    _tree_equal(loaded[collection]['backbone_net'], donor[collection]['backbone_net'], collection)
+    for name in fresh[collection]:
+      if name != 'backbone_net':
+        _tree_equal(loaded[collection][name], fresh[collection][name], f'{collection}.{name}')
+  _tree_equal(loaded['memory'], fresh['memory'], 'memory')
+
+  wrong = load_config(os.path.join(CONFIGS, 'demo.py'))
+  wrong.model.backbone.depth = 50
+  wrong.model.backbone.pretrained = path
+  shapes = jax.eval_shape(
+      lambda: train.init_variables(_no_pretrained(wrong), jax.random.PRNGKey(0)))
+  variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match='pretrained backbone .*layer'):
+    ckpt_lib.load_pretrained_backbone(wrong, variables)
+
+
+def _no_pretrained(config):
+  config = config.copy_and_resolve_references()
+  config.model.backbone.pretrained = ''
+  return config

@@ -1,0 +1,85 @@
+"""Every config in configs/ builds its model and runs one train step on 8 devices at a tiny size.
+
+Each config keeps its model structure (backbone depth, head, activation, classes, memory and
+loss settings) except where noted: crops shrink to 64x64 (Cityscapes 64x128), the global
+batch to 8, and, to keep the test within minutes on a CPU, every backbone deeper than 50
+layers (ade20k_r101) runs as R-50 and the non-ADE20K configs (same R-50 structure as ADE20K) as
+R-18. The step's lr and memory momentum are checked against the config's schedule values.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from memseg_jax import schedules, train
+from memseg_jax.config_validation import load_config, validate
+from memseg_jax.models import build_model
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+CONFIG_FILES = sorted(n for n in os.listdir(CONFIGS) if n.endswith('.py'))
+SMALLER_BACKBONE = {'ade20k_r101.py': 50, 'cityscapes.py': 18, 'lip.py': 18,
+                    'cocostuff10k.py': 18, 'default.py': 18}
+
+
+def test_all_expected_configs_exist():
+  for name in ('default.py', 'ade20k.py', 'ade20k_r101.py', 'cityscapes.py', 'lip.py',
+               'cocostuff10k.py', 'demo.py'):
+    assert name in CONFIG_FILES
+    with open(os.path.join(CONFIGS, name)) as f:
+      doc = f.read().split('"""')[1]
+    assert 'python -m memseg_jax.main --config=configs/' in doc, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_one_train_step_of_every_config(name):
+  config = load_config(os.path.join(CONFIGS, name))
+  validate(config, jax.device_count())
+  lr0 = config.train.lr
+  h, w = config.data.crop_size
+  config.data.crop_size = (64, 64 * w // h)
+  config.train.batch_size = 8
+  if name in SMALLER_BACKBONE:
+    config.model.backbone.depth = SMALLER_BACKBONE[name]
+  validate(config, 8)
+
+  mesh = train.create_mesh()
+  total = 10
+  schedule = schedules.create_lr_schedule(config, total)
+  tx = train.create_optimizer(config, schedule)
+  state = train.create_train_state(config, jax.random.PRNGKey(0), tx)
+  # A memory as after some training: with the all-zero initial memory the attention's key,
+  # value and output branches see constant inputs and their BN biases get no gradient
+  # (ReLU'(0) = 0, as in the reference), which would hide a parameter cut off from the loss.
+  state = state.replace(memory=jax.tree_util.tree_map(
+      lambda m: jax.random.normal(jax.random.PRNGKey(1), m.shape, m.dtype), state.memory))
+  state = train.replicate(state, mesh)
+  params0 = jax.device_get(state.params)
+  # The epoch-2 variant (memory loss) where the config enables it.
+  memory_loss = schedules.use_memory_loss(config, step=1, iterations_per_epoch=1)
+  step = train.make_train_step(config, build_model(config, axis_name='data'), tx, schedule,
+                               mesh, memory_loss=memory_loss)
+  rng = np.random.default_rng(0)
+  k = config.model.num_classes
+  batch = {'image': rng.normal(size=(8, *config.data.crop_size, 3)).astype(np.float32),
+           'label': rng.integers(0, k, size=(8, *config.data.crop_size)).astype(np.int32)}
+  state, metrics = step(state, train.shard_batch(batch, mesh))
+  metrics = jax.device_get(metrics)
+
+  assert int(state.step) == 1
+  assert float(metrics['lr']) == pytest.approx(lr0, rel=1e-6)
+  if config.model.name == 'mcibi':
+    mem = config.model.memory
+    assert float(metrics['memory_momentum']) == pytest.approx(
+        mem.base_momentum * lr0 / mem.base_lr, rel=1e-5)
+    assert ('loss_memory' in metrics) == bool(mem.use_loss)
+  # Random labels: every CE term starts near ln(K) (a loose, independent bound).
+  for term in ('loss_stage2', 'loss_stage1', 'loss_aux', 'loss_cls'):
+    if term in metrics:
+      assert 0.3 * np.log(k) < float(metrics[term]) < 3 * np.log(k), (term, metrics[term])
+  moved = [np.abs(np.asarray(a) - b).max()
+           for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
+                           jax.tree_util.tree_leaves(params0))]
+  assert min(moved) > 0
