@@ -50,6 +50,8 @@ def _assert_logits_match(ref, ours, num_classes, height, width):
   # Not a degenerate case: the prediction varies over the image.
   assert np.unique(ref.argmax(1)).size > 1
   err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
+  print(f'logits {height}x{width}: max abs diff {err:.3g}, max abs logit {scale:.3g}, '
+        f'relative {err / scale:.3g}')
   assert err <= RTOL * scale, f'max abs diff {err:.3g} vs max abs logit {scale:.3g}'
 
 
@@ -126,6 +128,8 @@ def test_train_forward_losses_memory_and_bn_stats_match_reference():
   assert set(ref_losses) == set(pairs)
   for ref_name, (name, weight) in pairs.items():
     ours = weight * float(our_losses[name])
+    print(f'{ref_name}: ours {ours:.7g} reference {ref_losses[ref_name]:.7g} relative diff '
+          f'{abs(ours - ref_losses[ref_name]) / abs(ref_losses[ref_name]):.3g}')
     assert abs(ours - ref_losses[ref_name]) <= RTOL * abs(ref_losses[ref_name]), (
         ref_name, ours, ref_losses[ref_name])
 
@@ -135,6 +139,7 @@ def test_train_forward_losses_memory_and_bn_stats_match_reference():
 
   ref_memory = ref_state['memory']['memory_module']['memory']
   our_memory = np.asarray(state['memory']['memory_module']['memory'])
+  print(f'memory after the update: max abs diff {np.abs(our_memory - ref_memory).max():.3g}')
   np.testing.assert_allclose(our_memory, ref_memory, rtol=0, atol=1e-5)
   # Both update branches and the untouched rows were exercised.
   old = memory.numpy()
@@ -160,6 +165,8 @@ def test_parameter_count_matches_reference():
                          if not k.endswith('num_batches_tracked'))
   shapes = convert.variable_shapes(ru.project_config())
   count = lambda cols: sum(int(np.prod(s)) for k, s in shapes.items() if k[0] in cols)
+  print(f'parameters + memory: ours {count({"params", "memory"}):,} reference {ref_parameters:,}'
+        f' (params {count({"params"}):,}, memory {count({"memory"}):,})')
   assert ref_parameters == 91_487_522
   # The reference's parameters() are our params + the memory; its BN buffers our batch_stats.
   assert count({'params', 'memory'}) == ref_parameters

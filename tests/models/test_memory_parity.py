@@ -91,6 +91,7 @@ def test_update_matches_reference(name, strategy):
   memory, feats, labels = _case(name)
   ref = _ref_update(memory, feats, labels, strategy)
   ours = _ours_update(memory, feats, labels.astype(np.int32), strategy)
+  print(f'update {name} ({strategy}): max abs diff {np.abs(ours - ref).max():.3g}')
   assert np.abs(ours - ref).max() <= 1e-5
   if name == 'absent':
     np.testing.assert_array_equal(ours[1], memory[1])
