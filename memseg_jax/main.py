@@ -48,6 +48,22 @@ def _prepare_synthetic_data(config):
     datasets.download_and_prepare(builder)
 
 
+def enable_compilation_cache():
+  """A persistent XLA compilation cache (~/.cache/memseg_jax/xla or $MEMSEG_COMPILATION_CACHE).
+
+  Evaluation runs the network on each image's exact test size (see memseg_jax/evaluate.py), so
+  it compiles once per distinct image size; the cache lets later evaluations, restarts and
+  resumed runs reuse those programs. MEMSEG_COMPILATION_CACHE=0 turns it off; a cache directory
+  set through JAX's own configuration is left as it is.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  where = os.environ.get('MEMSEG_COMPILATION_CACHE', '~/.cache/memseg_jax/xla')
+  if where == '0' or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(where))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
 def run(config, workdir: str, mode: str = 'train'):
   """Validates `config`, then trains or evaluates (library entry, also used by tests)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -77,6 +93,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING
       or '/orbax/' not in record.pathname)
+  enable_compilation_cache()
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except _user_errors() as e:
