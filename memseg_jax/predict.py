@@ -58,7 +58,10 @@ def preprocess(image: np.ndarray, data_config) -> np.ndarray:
   """Test-time resize + normalisation of a uint8 RGB image, as the eval pipeline does."""
   from memseg_jax import transforms  # pylint: disable=import-outside-toplevel
   size = transforms.test_resize_size(image.shape[:2], data_config)
-  resized = transforms.resize_image(image, size)
+  if transforms.resolve_backend(data_config.get('backend', 'auto')) == 'opencv':
+    resized = transforms.resize_image_window_opencv(image, size, (0, 0, size[0], size[1]))
+  else:
+    resized = transforms.resize_image(image, size)
   return np.asarray(transforms.normalize(resized, data_config.mean, data_config.std))
 
 

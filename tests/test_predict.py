@@ -91,3 +91,18 @@ def test_predict_errors_name_the_culprit(converted_checkpoint, tmp_path):
   with pytest.raises(ValueError, match='broken.jpg'):
     predict.predict_images(config, variables, [str(bad)], str(tmp_path / 'out'),
                            progress=False)
+
+
+def test_preprocess_resizes_like_the_eval_pipeline():
+  """With OpenCV present the eval pipeline resizes with cv2.resize (bilinear); so must predict."""
+  cv2 = pytest.importorskip('cv2')
+  from memseg_jax import predict, transforms
+  from memseg_jax.config_validation import load_config
+  from tests.reference_utils import REPO_ROOT
+  import os
+  config = load_config(os.path.join(REPO_ROOT, 'configs', 'demo.py'))
+  image = np.random.default_rng(0).integers(0, 256, (171, 133, 3)).astype(np.uint8)
+  h, w = (int(v) for v in transforms.test_resize_size(image.shape[:2], config.data).numpy())
+  expected = ((cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+               - np.asarray(config.data.mean, np.float32)) / np.asarray(config.data.std, np.float32))
+  np.testing.assert_array_equal(predict.preprocess(image, config.data), expected)
