@@ -39,7 +39,8 @@ class SelfAttentionBlock(nn.Module):
     q = q.reshape(b, h * w, t)                                   # (B, N, T)
     k = k.reshape(b, -1, t)                                      # (B, M, T)
     v = v.reshape(b, -1, t)                                      # (B, M, T)
-    sim = jnp.einsum('bnt,bmt->bnm', q, k) * (t ** -0.5)
-    sim = nn.softmax(sim.astype(jnp.float32), axis=-1).astype(v.dtype)
+    # Similarities accumulate and the softmax runs in float32 whatever the compute dtype.
+    sim = jnp.einsum('bnt,bmt->bnm', q, k, preferred_element_type=jnp.float32) * (t ** -0.5)
+    sim = nn.softmax(sim, axis=-1).astype(v.dtype)
     context = jnp.einsum('bnm,bmt->bnt', sim, v).reshape(b, h, w, t)
     return self._cbr(self.out_channels, 'out_project')(context)

@@ -84,9 +84,139 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+def _tap_extent(out_size: int, in_size: int, kernel_size: int, stride: int, dilation: int,
+                padding: int):
+  """Per kernel tap t along one axis: (first output, number of outputs, first input) or None.
+
+  Output o reads input o * stride + t * dilation - padding; only the outputs whose input lies
+  inside [0, in_size) are listed (the others read the zero padding). None: the tap never does.
+  """
+  extents = []
+  for t in range(kernel_size):
+    off = t * dilation - padding
+    first = max(0, -(off // stride))                  # ceil(-off / stride) for off < 0
+    last = min(out_size - 1, (in_size - 1 - off) // stride)
+    n = last - first + 1
+    extents.append((first, n, first * stride + off) if n > 0 else None)
+  return extents
+
+
+def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int = 0,
+           out_dtype=None, native: Optional[bool] = None):
+  """torch Conv2d (symmetric zero padding, no bias) of NHWC `x` with an HWIO `kernel`.
+
+  Computed as a sum over kernel taps of (pixels, Cin) x (Cin, Cout) matmuls, each restricted to
+  the outputs whose input tap lies inside the image. Two reasons (measured on the CPU, where
+  XLA's native convolution is the alternative):
+    - the ASPP's large dilations (12, 24, 36 on 64x64 maps at 512x512, on 16x16 maps for
+      128x128 crops) put most off-centre taps in the zero padding; those products are skipped
+      (a tap entirely in the padding costs nothing, so on small maps ASPP branches shrink to
+      1x1 convolutions), exactly like the padded convolution;
+    - the weight gradients become plain matmuls over B*H*W, where XLA's convolution form runs
+      them as convolutions with the batch as feature dimension (slow for small batches).
+  The result equals the padded convolution up to float32 summation order (relative differences
+  of order 1e-6). With very few input channels (the 3-channel stem) the taps are concatenated
+  into one matmul instead (im2col), so the contraction is not 3 wide.
+
+  Products accumulate in float32 whatever the input dtype (bfloat16 compute); the result has
+  `out_dtype` (default: the input's dtype).
+  """
+  b, h, w, cin = x.shape
+  k = kernel.shape[0]
+  if kernel.shape[:3] != (k, k, cin):
+    raise ValueError(f'conv2d: kernel {kernel.shape} does not match input channels {cin}')
+  oh = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  ow = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  if oh <= 0 or ow <= 0:
+    raise ValueError(f'conv2d: input {h}x{w} too small for kernel {k}, dilation {dilation}, '
+                     f'padding {padding}')
+  if native is None:
+    # The tap decomposition was measured faster on the CPU only; GPUs and TPUs keep XLA's
+    # native convolution (same numbers up to float32 summation order).
+    native = jax.default_backend() != 'cpu'
+  if native:
+    y = lax.conv_general_dilated(
+        x, kernel, (stride, stride), [(padding, padding), (padding, padding)],
+        rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+  rows = _tap_extent(oh, h, k, stride, dilation, padding)
+  cols = _tap_extent(ow, w, k, stride, dilation, padding)
+  taps = [(i, j) for i in range(k) for j in range(k) if rows[i] and cols[j]]
+
+  def window(i, j):                                   # (B, rows, cols, Cin) read by tap (i, j)
+    (_, rn, ri), (_, cn, ci) = rows[i], cols[j]
+    return lax.slice(x, (0, ri, ci, 0),
+                     (b, ri + (rn - 1) * stride + 1, ci + (cn - 1) * stride + 1, cin),
+                     (1, stride, stride, 1))
+
+  def place(y, i, j):                                 # zero-pad a tap's outputs to (oh, ow)
+    (r0, rn, _), (c0, cn, _) = rows[i], cols[j]
+    if (r0, rn, c0, cn) == (0, oh, 0, ow):
+      return y
+    return jnp.pad(y, ((0, 0), (r0, oh - r0 - rn), (c0, ow - c0 - cn), (0, 0)))
+
+  if cin * len(taps) <= _IM2COL_MAX_DEPTH and len(taps) > 1:
+    # im2col over the zero-padded input: one matmul with a contraction of k*k*Cin.
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    span_h, span_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
+    cols_ = [lax.slice(xp, (0, i * dilation, j * dilation, 0),
+                       (b, i * dilation + span_h, j * dilation + span_w, cin),
+                       (1, stride, stride, 1)) for i in range(k) for j in range(k)]
+    patches = jnp.concatenate(cols_, axis=-1)          # (B, oh, ow, k*k*Cin), tap-major
+    y = jnp.einsum('bhwc,co->bhwo', patches, kernel.reshape(k * k * cin, -1),
+                   preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+  out = None
+  for i, j in taps:
+    y = jnp.einsum('bhwc,co->bhwo', window(i, j), kernel[i, j],
+                   preferred_element_type=jnp.float32)
+    y = place(y, i, j)
+    out = y if out is None else out + y
+  return out.astype(out_dtype or x.dtype)
+
+
+# Contraction depth below which the taps are gathered into one matmul (the 3-channel stem).
+_IM2COL_MAX_DEPTH = 64
+
+
+class Conv(nn.Module):
+  """nn.Conv2d in NHWC computed by `conv2d`: params `kernel` (k, k, Cin, Cout) and `bias` (Cout,).
+
+  Same parameter names, shapes and initialisers as `flax.linen.Conv`, so checkpoints and the
+  converter do not depend on which of the two computes the layer. Parameters are float32; the
+  computation runs in `dtype`.
+  """
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  dilation: int = 1
+  padding: int = 0
+  use_bias: bool = False
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param('kernel', torch_conv_kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
+               dilation=self.dilation, padding=self.padding, out_dtype=jnp.float32)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32)
+      return y.astype(self.dtype)
+    # Every bias-free convolution of the models feeds a BatchNorm, which works in float32: the
+    # float32 accumulations go to it unrounded. (Under bfloat16, rounding the pre-normalisation
+    # values would cost precision relative to their batch mean, which the BN subtracts; the
+    # error would then be amplified by mean / std.) With float32 compute nothing changes.
+    return y
+
+
 def conv(features: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1,
          padding: Optional[int] = None, use_bias: bool = False, in_features: Optional[int] = None,
-         dtype: Any = jnp.float32, name: Optional[str] = None) -> nn.Conv:
+         dtype: Any = jnp.float32, name: Optional[str] = None) -> Conv:
   """nn.Conv2d with PyTorch padding and initialisation. `padding=None` -> dilation*(k-1)//2.
 
   `in_features` is needed only with `use_bias` (the bias init bound depends on fan-in).
@@ -99,10 +229,8 @@ def conv(features: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1
     bias_init = torch_conv_bias_init(in_features * k * k)
   else:
     bias_init = nn.initializers.zeros
-  return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
-                 kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=torch_conv_kernel_init,
-                 bias_init=bias_init, name=name)
+  return Conv(features, k, stride=stride, dilation=dilation, padding=p, use_bias=use_bias,
+              bias_init=bias_init, dtype=dtype, name=name)
 
 
 class ConvBNAct(nn.Module):

@@ -118,3 +118,29 @@ def test_dropout2d_drops_whole_channels_per_sample():
   assert 0 < (per_channel[:, 0, :] == 0).mean() < 1
   np.testing.assert_array_equal(
       np.asarray(layers.Dropout2d(0.5, deterministic=True).apply({}, x)), np.asarray(x))
+
+
+@pytest.mark.parametrize('cin,k,stride,dilation,padding,hw', [
+    (3, 3, 2, 1, 1, (17, 12)),     # the stem: taps gathered into one matmul
+    (16, 3, 1, 2, 2, (9, 11)),
+    (16, 3, 1, 12, 12, (16, 16)),  # ASPP on a small map: off-centre taps read only padding
+    (16, 3, 1, 24, 24, (16, 10)),
+    (16, 1, 2, 1, 0, (9, 9)),      # strided 1x1 shortcut
+    (8, 7, 2, 1, 3, (13, 8)),
+])
+def test_tap_decomposition_equals_the_native_convolution(cin, k, stride, dilation, padding, hw):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, *hw, cin)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(k, k, cin, 5)).astype(np.float32))
+  kw = dict(stride=stride, dilation=dilation, padding=padding)
+  taps = layers.conv2d(x, kernel, native=False, **kw)
+  native = layers.conv2d(x, kernel, native=True, **kw)
+  assert taps.shape == native.shape
+  np.testing.assert_allclose(taps, native, rtol=1e-5, atol=1e-5)
+  # Weight and input gradients too (they are what the training step uses).
+  loss = lambda native_: lambda xx, kk: jnp.sum(
+      layers.conv2d(xx, kk, native=native_, **kw) ** 2)
+  g_taps = jax.grad(loss(False), argnums=(0, 1))(x, kernel)
+  g_native = jax.grad(loss(True), argnums=(0, 1))(x, kernel)
+  for a, b in zip(g_taps, g_native):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)

@@ -1,14 +1,14 @@
 """ResNet-v1c backbone: output sizes, channels, dilation settings, and parity with the reference."""
 
 import flax
+import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from memseg_jax import convert
-from memseg_jax.models import resnet
+from memseg_jax.models import layers, resnet
 
 
 def _conv_out(n, stride=2):
@@ -62,20 +62,24 @@ def test_block_counts_and_channels_per_depth():
 
 
 def _conv_dilations_3x3(model, size=(32, 32)):
-  """rhs_dilation of every 3x3 convolution in call order, read off the traced program."""
+  """Dilation of every 3x3 convolution in call order, recorded as each layer runs.
+
+  (The layers compute convolutions as sums of per-tap matmuls, `layers.conv2d`, so there is no
+  convolution primitive to read the dilation from; the interceptor sees each `layers.Conv` as
+  it is called during `init`.)
+  """
   x = jnp.zeros((1, *size, 3))
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
   found = []
 
-  def walk(jpr):
-    for eqn in jpr.eqns:
-      if eqn.primitive.name == 'conv_general_dilated' and eqn.invars[1].aval.shape[:2] == (3, 3):
-        found.append(eqn.params['rhs_dilation'][0])
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if (isinstance(module, layers.Conv) and context.method_name == '__call__'
+        and module.kernel_size == 3):
+      found.append(module.dilation)
+    return next_fun(*args, **kwargs)
 
-  walk(jaxpr.jaxpr)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
   return found
 
 
