@@ -16,6 +16,11 @@
 - `load_eval_variables(config, workdir, abstract_variables)`: the {'params', 'batch_stats',
   'memory'} to evaluate: `config.eval.checkpoint` (a training workdir/checkpoints folder or a
   converted checkpoint) or the latest checkpoint of the workdir.
+
+Work directories may be local or on a remote filesystem such as Cloud Storage (`gs://...`):
+`absolute_path` leaves URLs as they are, orbax reads and writes them itself, and the other
+file operations here go through `tf.io.gfile` (`gfile()`), which knows the same schemes.
+Training checkpoints are written collectively: every process calls `save` for the same step.
 """
 
 import os
@@ -78,9 +83,27 @@ def check_tree_matches(expected: Mapping[str, Tuple[int, ...]],
         f'{what} does not match the model of this config ({"; ".join(problems)})')
 
 
+# ----------------------------------------------------------------------------------- paths
+def is_url(path: str) -> bool:
+  """True for 'gs://bucket/dir' and other scheme://... paths (handled by tf.io.gfile / orbax)."""
+  return '://' in str(path)
+
+
+def absolute_path(path: str) -> str:
+  """Local paths made absolute (orbax needs that); URLs unchanged, without a trailing '/'."""
+  path = str(path)
+  return path.rstrip('/') if is_url(path) else os.path.abspath(path)
+
+
+def gfile():
+  """tf.io.gfile: one file API for local paths and gs:// (TensorFlow imported on first use)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.io.gfile
+
+
 # ----------------------------------------------------------------------------- train checkpoints
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+  return os.path.join(absolute_path(workdir), CHECKPOINT_SUBDIR)
 
 
 def create_manager(workdir: str, config, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -124,9 +147,9 @@ def load_pretrained_backbone(config, variables: Mapping[str, Any]) -> Dict[str, 
   if not path:
     return dict(variables)
   from memseg_jax import convert  # pylint: disable=import-outside-toplevel
-  if not os.path.exists(path):
+  if not gfile().exists(path):
     raise FileNotFoundError(f'config.model.backbone.pretrained: no such file or directory: {path}')
-  if os.path.isfile(path):
+  if not gfile().isdir(path):
     loaded = convert.load_imagenet_checkpoint(path, config)
   else:
     loaded = convert.restore_variables(path)
@@ -146,7 +169,8 @@ def load_pretrained_backbone(config, variables: Mapping[str, Any]) -> Dict[str, 
 
 # -------------------------------------------------------------------------------- evaluation
 def _is_manager_dir(path: str) -> bool:
-  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+  return gfile().isdir(path) and any(name.rstrip('/').isdigit()
+                                     for name in gfile().listdir(path))
 
 
 def load_eval_variables(config, workdir: str, abstract_state) -> Tuple[Dict[str, Any], int]:
@@ -158,14 +182,14 @@ def load_eval_variables(config, workdir: str, abstract_state) -> Tuple[Dict[str,
   -1 for the latter.
   """
   path = config.eval.checkpoint or checkpoint_dir(workdir)
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
+  path = absolute_path(path)
+  if not gfile().exists(path):
     raise FileNotFoundError(f'no checkpoint to evaluate at {path} (train first, or set '
                             '--config.eval.checkpoint=DIR)')
-  if os.path.basename(os.path.normpath(path)) != CHECKPOINT_SUBDIR and \
-      os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
+  if os.path.basename(path) != CHECKPOINT_SUBDIR and \
+      gfile().isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
     path = os.path.join(path, CHECKPOINT_SUBDIR)
-  if _is_manager_dir(path) or os.path.isdir(os.path.join(path, 'default')):
+  if _is_manager_dir(path) or gfile().isdir(os.path.join(path, 'default')):
     if _is_manager_dir(path):
       parent, step = path, None
     else:

@@ -427,9 +427,11 @@ def evaluate(config, variables, workdir: Optional[str], *, mesh=None, step: Opti
                results['mIoU'], results['aAcc'], num_images, results['seconds'])
 
   if is_main and workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump(_json_safe(results), f, indent=2)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    # tf.io.gfile: the workdir may be local or gs://.
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+      f.write(json.dumps(_json_safe(results), indent=2))
   if writer is not None:
     summary_step = 0 if step is None else int(step)
     writer.write_scalars(summary_step, {'eval/mIoU': results['mIoU'],

@@ -4,6 +4,16 @@
     python -m memseg_jax.main --config=configs/ade20k.py --workdir=DIR --config.train.batch_size=8
     python -m memseg_jax.main --mode=eval --config=configs/ade20k.py --workdir=DIR
 
+Multi-host runs start one process per host with the same flags; `memseg_jax.distributed`
+explains how the processes find each other (automatic on Cloud TPU VM pod slices):
+
+    # CPU / GPU cluster, on host i of N (the coordinator is process 0's host):
+    python -m memseg_jax.main --config=configs/ade20k.py --workdir=gs://BUCKET/run \
+        --coordinator_address=HOST0:1234 --num_processes=N --process_id=i
+
+A SIGTERM (preemption) makes every process save a checkpoint at the same step and exit with
+status 0; starting the same command again resumes from it. The workdir may be `gs://...`.
+
 `--mode=train` trains (resuming from the workdir's latest checkpoint) and, when
 config.train.final_eval is set, evaluates at the end; `--mode=eval` evaluates
 config.eval.checkpoint or the latest checkpoint of the workdir. The config is validated before
@@ -22,6 +32,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, logs and results')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (then evaluate) or eval only')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'multi-process runs on CPU/GPU clusters: host:port of process 0 (or env '
+    'MEMSEG_COORDINATOR_ADDRESS); not needed on Cloud TPU VMs')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'multi-process runs: number of processes (or env MEMSEG_NUM_PROCESSES)')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'multi-process runs: this process, 0..N-1 (or env MEMSEG_PROCESS_ID)')
 
 
 def _user_errors():
@@ -85,10 +103,14 @@ def main(argv):
     print('error: --config and --workdir are required', file=sys.stderr)
     sys.exit(2)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  if os.environ.get('MEMSEG_DISTRIBUTED'):
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize()
   logging.set_verbosity(logging.INFO)
+  from memseg_jax import distributed  # pylint: disable=import-outside-toplevel
+  try:
+    # Before any other JAX call: the backend must see the whole cluster.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except distributed.DistributedConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   # orbax reports every checkpoint write at INFO; keep the log to the training's own lines.
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING

@@ -19,11 +19,22 @@ The loop (`train_and_evaluate`) resumes from the latest checkpoint of the workdi
 stream restarts at the checkpoint's step), logs every loss term, lr, memory momentum, steps/s,
 images/s and the ETA, checkpoints every `config.train.checkpoint_every_steps` and at the end,
 stops at the first non-finite loss without saving that state, and evaluates at the end.
+
+Multi-host runs (one process per host, `memseg_jax.distributed`): the mesh spans the devices of
+all processes, each process feeds its own part of every global batch (`shard_batch`), and the
+step's pmeans average gradients, BN statistics and the memory over all devices of all hosts.
+Only process 0 writes the config and the summaries; every process takes part in the (orbax,
+collective) checkpoint saves. Preemption (`PreemptionWatcher`): on SIGTERM, or when JAX's
+preemption service says so, every process saves a checkpoint at the same step, waits for it to
+be written and returns normally, so the program exits with status 0; the next start resumes
+from that checkpoint. The workdir may be local or `gs://...`.
 """
 
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -213,10 +224,68 @@ def _format_eta(seconds: float) -> str:
 
 
 def save_config(config, workdir: str) -> None:
+  """<workdir>/config.json, written by process 0 only (local or gs:// workdir)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    gfile = ckpt_lib.gfile()
+    gfile.makedirs(workdir)
+    with gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+
+
+class PreemptionWatcher:
+  """Says at which step the loop must save and stop because the run is being preempted.
+
+  Cloud schedulers announce a preemption (spot / preemptible TPU VMs, maintenance, job
+  cancellation) with SIGTERM, some time before the machine goes away. Every process must save
+  the same step, since orbax writes a checkpoint collectively:
+
+  - jax.distributed running with its preemption service (every multi-process run; it listens
+    for SIGTERM itself): `multihost_utils.reached_preemption_sync_point(step)`, called at every
+    step, becomes true on all processes at the same step after any process got the signal.
+  - otherwise (one process, or the service turned off): a SIGTERM handler sets a flag; with
+    several processes the flags are OR-ed across processes every `agree_every` steps.
+
+  `start()` before the loop, `close()` after it (the previous SIGTERM handler comes back).
+  """
+
+  def __init__(self, agree_every: int = 10):
+    self.agree_every = int(agree_every)
+    self.use_jax_service = bool(jax.distributed.is_initialized()
+                                and jax.config.jax_enable_preemption_service)
+    self._signalled = threading.Event()
+    self._previous = None
+    self._installed = False
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    self._signalled.set()
+
+  def start(self) -> 'PreemptionWatcher':
+    # JAX's service has its own SIGTERM listener; a Python handler would replace it.
+    if not self.use_jax_service:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._installed = True
+      except ValueError:    # not the main thread: SIGTERM keeps its previous meaning
+        logging.warning('training outside the main thread: SIGTERM will not save a checkpoint')
+    return self
+
+  def close(self) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._installed = False
+
+  def should_stop(self, step: int) -> bool:
+    """Call after every step (all processes, same steps); true: save `step`, then stop."""
+    if self.use_jax_service:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+    if jax.process_count() == 1:
+      return self._signalled.is_set()
+    if step % self.agree_every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    flags = multihost_utils.process_allgather(np.asarray(self._signalled.is_set(), np.int32))
+    return bool(np.any(flags))
 
 
 class _MetricsLog:
@@ -262,12 +331,13 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
 
   `stop_at_step` ends the run early after that step (with a checkpoint), as a preemption would;
   the schedule still runs to the full T. `dataset_fn(start_step)` replaces the input pipeline
-  (an iterator of host batches starting at that step).
+  (an iterator of this process's host batches starting at that step). A preemption (see
+  `PreemptionWatcher`) also ends the run early with a checkpoint, without the final evaluation.
   """
   from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
   from memseg_jax import input_pipeline  # pylint: disable=import-outside-toplevel
 
-  workdir = os.path.abspath(workdir)
+  workdir = ckpt_lib.absolute_path(workdir)
   mesh = create_mesh()
   num_devices = jax.device_count()
   ipe = input_pipeline.iterations_per_epoch(config, num_devices)
@@ -321,6 +391,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
       log.add(*pending)
       pending = None
 
+  preempted = False
+  watcher = PreemptionWatcher().start()
   try:
     for step in range(start_step, last_step):
       batch = shard_batch(next(dataset), mesh)
@@ -350,10 +422,15 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
                       if 'memory_momentum' in means else ''),
                      steps_per_sec, means['images_per_sec'], _format_eta(means['eta_seconds']))
         t_log, steps_since_log = time.time(), 0
-      if done % int(config.train.checkpoint_every_steps) == 0 or is_last:
+      preempted = watcher.should_stop(done) and not is_last
+      if done % int(config.train.checkpoint_every_steps) == 0 or is_last or preempted:
         check_pending()        # never save a state produced by a non-finite loss
         ckpt_lib.save(manager, done, state)
         last_saved = done
+      if preempted:
+        logging.warning('preemption: checkpoint of step %d saved in %s; stopping (the next start '
+                        'resumes from it)', done, manager.directory)
+        break
       if (config.train.eval_every_steps and done % int(config.train.eval_every_steps) == 0
           and not is_last):
         check_pending()
@@ -364,10 +441,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     kept = f'the last good checkpoint is step {last_saved}' if last_saved else 'no checkpoint kept'
     raise NonFiniteLossError(f'{e}; training stopped ({kept} in {manager.directory})') from None
   finally:
+    watcher.close()
     manager.wait_until_finished()
     writer.flush()
 
-  if last_step == total_steps and config.train.final_eval:
+  if last_step == total_steps and config.train.final_eval and not preempted:
     _run_evaluation(config, state, workdir, mesh, int(state.step), writer)
     writer.flush()
   manager.close()
@@ -381,5 +459,5 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   tx = create_optimizer(config, schedules.create_lr_schedule(config, 1))
   abstract = _abstract_state_without_pretrained(config, tx, mesh)
   variables, step = ckpt_lib.load_eval_variables(config, workdir, abstract)
-  return evaluate.evaluate(config, variables, os.path.abspath(workdir), mesh=mesh,
+  return evaluate.evaluate(config, variables, ckpt_lib.absolute_path(workdir), mesh=mesh,
                            step=None if step < 0 else step)
