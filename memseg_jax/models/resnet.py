@@ -43,6 +43,13 @@ def stage_channels(depth: int) -> Tuple[int, int, int, int]:
   return tuple(64 * 2 ** i * expansion for i in range(4))
 
 
+def _batch_norm(module: nn.Module, name: str) -> BatchNorm:
+  """A BatchNorm with `module`'s normalisation settings (train, axis_name, momentum, eps, dtype)."""
+  return BatchNorm(use_running_average=not module.train, axis_name=module.axis_name,
+                   momentum=module.bn_momentum, epsilon=module.bn_eps, dtype=module.dtype,
+                   name=name)
+
+
 class _Block(nn.Module):
   """Shared fields of the two residual blocks."""
   planes: int
@@ -56,8 +63,7 @@ class _Block(nn.Module):
   dtype: Any = jnp.float32
 
   def _bn(self, name):
-    return BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
-                     momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype, name=name)
+    return _batch_norm(self, name)
 
   def _shortcut(self, x, out_channels):
     if not self.downsample:
@@ -113,8 +119,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   def _bn(self, name):
-    return BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
-                     momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype, name=name)
+    return _batch_norm(self, name)
 
   @nn.compact
   def __call__(self, x):  # x: (B, H, W, 3)
