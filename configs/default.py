@@ -114,6 +114,7 @@ def get_config():
 
   config.inference = i = ml_collections.ConfigDict()
   i.mode = 'whole'                # 'whole' or 'slide'
+  i.padded_whole = True           # whole mode at the eval buckets' fixed shapes, padding masked
   i.crop_size = (512, 512)        # slide window (height, width)
   i.stride = (341, 341)
   i.windows_per_call = 4

@@ -195,6 +195,7 @@ def validate(config, num_devices: int = 1) -> None:
   # eval / inference
   _number(config, 'eval.batch_size', positive=True, integer=True)
   _one_of(config, 'inference.mode', INFERENCE_MODES)
+  _one_of(config, 'inference.padded_whole', (True, False))
   _size_pair(config, 'inference.crop_size')
   _size_pair(config, 'inference.stride')
   _number(config, 'inference.windows_per_call', positive=True, integer=True)

@@ -18,15 +18,25 @@ The protocol is the reference's tester (SSSegmentation 1.7.0 `BaseSegmentor.infe
 - Every view's output is upsampled straight to the *original* image size, the views are
   averaged (sum / count, in the reference's order), then argmax.
 
-Exact shapes. The network is run on the exact (resized, scaled) image, never on a padded one:
-zero padding changes the output everywhere (ASPP's image-pool branch averages over the padded
-area, and border convolutions see the padding), so padded inputs cannot reproduce the reference.
-The eval pipeline pads images to bucket shapes to batch them; `evaluate` crops each image back to
-its true size in numpy before the jitted call. The network is compiled once per distinct input
-shape (jit's cache); in slide mode it only ever sees the window shape, `windows_per_call`
-windows per call (the last call padded with copies), so a 1024x2048 image never needs all its
-windows at once. The small pre/post-processing functions (scaling, softmax, resize to the
-original size, canvas accumulation) compile per shape too; they are cheap.
+Shapes. Plain zero padding would change the output everywhere (ASPP's image-pool branch would
+average over the padded area, border convolutions would see it, the memory attention would
+attend to it), so padded inputs alone cannot reproduce the reference. Two paths:
+
+- whole mode, `inference.padded_whole` (default): each image stays in its eval bucket's padded
+  shape (the pipeline's fixed shapes, sizes rounded up to `data.eval_pad_multiple`) and the
+  network masks everything outside the valid region (`valid_hw`, models/layers.py), which
+  makes the valid logits those of the unpadded image. Scaling, flipping, un-flipping and the
+  resize to the original size are gathers with per-image index/weight tables computed on the
+  host (`padded_whole_tables`, the same weights as `ops.resize_bilinear`), padded to fixed
+  lengths, and the scores land in the label bucket's shape, where the label's ignore padding
+  keeps the padded area out of the confusion matrix. Everything compiles once per bucket (the
+  network once per padded view shape), whatever the number of distinct image sizes.
+- slide mode, and whole mode with `padded_whole=False` (`inference`): the network runs on the
+  exact (resized, scaled) image, cropped out of its bucket in numpy, and compiles once per
+  distinct input shape; in slide mode it only ever sees the window shape, `windows_per_call`
+  windows per call (the last call padded with copies), so a 1024x2048 image never needs all
+  its windows at once. The small pre/post-processing functions (scaling, softmax, resize to
+  the original size, canvas accumulation) compile per image shape; they are cheap.
 
 Devices. Images are independent, so `evaluate` spreads them over the local devices (the
 variables are copied to every local device once) and keeps up to D images in flight. A jitted
@@ -52,7 +62,7 @@ from jax import lax
 import numpy as np
 
 from memseg_jax import metrics
-from memseg_jax.ops import resize_bilinear
+from memseg_jax.ops import resize_bilinear, resize_taps
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -68,9 +78,21 @@ def make_forward_fn(model) -> Callable:
   return jax.jit(forward)
 
 
+@functools.lru_cache(maxsize=None)
+def make_padded_forward_fn(model) -> Callable:
+  """jit(variables, images (N, H, W, 3) zero-padded, valid_hw (N, 2)) -> eval logits.
+
+  The top-left ceil(valid_hw / 8) of each image's logits equal the unpadded forward's.
+  """
+  def forward(variables, images, valid_hw):
+    return model.apply(variables, images, train=False, valid_hw=valid_hw)['logits']
+  return jax.jit(forward)
+
+
 class InferenceSettings(collections.namedtuple(
     'InferenceSettings', ['mode', 'crop_size', 'stride', 'windows_per_call', 'scales', 'flip',
-                          'use_probs_before_resize', 'flip_swap_pairs'])):
+                          'use_probs_before_resize', 'flip_swap_pairs', 'padded_whole'],
+    defaults=(True,))):
   """Hashable, validated copy of `config.inference` (+ `config.data.flip_swap_pairs`)."""
 
   @classmethod
@@ -87,7 +109,8 @@ class InferenceSettings(collections.namedtuple(
         scales=tuple(float(s) for s in i.scales),
         flip=bool(i.flip),
         use_probs_before_resize=bool(i.use_probs_before_resize),
-        flip_swap_pairs=tuple((int(a), int(b)) for a, b in swap))
+        flip_swap_pairs=tuple((int(a), int(b)) for a, b in swap),
+        padded_whole=bool(i.get('padded_whole', True)))
     settings.validate()
     return settings
 
@@ -269,6 +292,152 @@ def inference(forward_fn: Callable, variables, images, *, out_hw: Tuple[int, int
   return total / count
 
 
+# ----------------------------------------------------------------------------- padded whole mode
+
+_VIEW_MULTIPLE = 32   # padded view sizes are rounded up to this (a multiple of every stride)
+
+
+def _round_up(x: int, m: int) -> int:
+  return max(-(-x // m) * m, m)
+
+
+def _resize_table(in_size: int, out_size: int, length: int, *,
+                  scale_factor: Optional[float] = None, mirror: int = 0):
+  """Host-side (i0, i1, lam) of `length` entries: entry o < out_size is output o of the 1-D
+  resize in_size -> out_size with `ops.resize_bilinear`'s weights; entries past out_size read
+  input 0 with weight 0 (they land in padding). `mirror` m > 0 maps every source index i to
+  m - 1 - i (a horizontal flip of the m-wide input)."""
+  i0 = np.zeros(length, np.int32)
+  i1 = np.zeros(length, np.int32)
+  lam = np.zeros(length, np.float32)
+  if in_size == out_size and scale_factor in (None, 1.0):     # resize_bilinear's identity
+    i0[:out_size] = i1[:out_size] = np.arange(out_size)
+  else:
+    a, b, l = resize_taps(in_size, out_size, scale_factor=scale_factor)
+    i0[:out_size], i1[:out_size], lam[:out_size] = a, b, l
+  if mirror:
+    i0[:out_size] = mirror - 1 - i0[:out_size]
+    i1[:out_size] = mirror - 1 - i1[:out_size]
+  return i0, i1, lam
+
+
+def padded_whole_tables(image_hw, padded_hw, orig_hw, label_hw, settings: 'InferenceSettings',
+                        output_stride: int = 8):
+  """Per scale, the host-side tables of one image for `padded_whole_scores`.
+
+  Args:
+    image_hw: (h, w) the test-resized size, the valid top-left of the padded image.
+    padded_hw: (Hp, Wp) the padded image's shape (its eval bucket).
+    orig_hw: (oh, ow) the original size every view is resized to.
+    label_hw: (Lh, Lw) the padded label's shape (oh <= Lh, ow <= Lw).
+  Returns:
+    [(view_hw, tables)] per scale: view_hw the padded (Hv, Wv) of the scaled views (depends on
+    the bucket and the scale only); tables a dict of numpy arrays, each with a leading views
+    axis (1, or 2 with flip): 'valid' (V, 2) the scaled size, 'in_rows'/'in_cols' (i0, i1, lam)
+    scaling (and flipping) the image into the view, 'out_rows'/'out_cols' the resize (and
+    un-flip) of the valid logits to the original size inside the label's shape.
+  """
+  h, w = (int(v) for v in image_hw)
+  hp, wp = (int(v) for v in padded_hw)
+  oh, ow = (int(v) for v in orig_hw)
+  lh, lw = (int(v) for v in label_hw)
+  plan = []
+  for scale in settings.scales:
+    if scale == 1.0:
+      hs, ws, hv, wv, factor = h, w, _round_up(hp, _VIEW_MULTIPLE), _round_up(wp, _VIEW_MULTIPLE), None
+    else:   # PyTorch's scale_factor semantics: floor(size * s), source = (dst + .5) / s - .5
+      hs, ws = int(np.floor(h * scale)), int(np.floor(w * scale))
+      hv = _round_up(int(np.floor(hp * scale)), _VIEW_MULTIPLE)
+      wv = _round_up(int(np.floor(wp * scale)), _VIEW_MULTIPLE)
+      factor = scale
+    # Feature size: every stride-2 layer maps v to ceil(v / 2) (models/layers.py).
+    hf, wf = -(-hs // output_stride), -(-ws // output_stride)
+    flips = (False, True) if settings.flip else (False,)
+    views = collections.defaultdict(list)
+    for flipped in flips:
+      rows = _resize_table(h, hs, hv, scale_factor=factor)
+      cols = _resize_table(w, ws, wv, scale_factor=factor)
+      if flipped:   # view column x is the scaled image's column ws - 1 - x
+        cols = tuple(np.concatenate([c[:ws][::-1], c[ws:]]) for c in cols)
+      views['valid'].append(np.asarray([hs, ws], np.int32))
+      views['in_rows'].append(rows)
+      views['in_cols'].append(cols)
+      views['out_rows'].append(_resize_table(hf, oh, lh))
+      views['out_cols'].append(_resize_table(wf, ow, lw, mirror=wf if flipped else 0))
+    tables = {'valid': np.stack(views['valid'])}
+    for key in ('in_rows', 'in_cols', 'out_rows', 'out_cols'):
+      tables[key] = tuple(np.stack(part) for part in zip(*views[key]))
+    plan.append(((hv, wv), tables))
+  return plan
+
+
+def _lerp_axis(x, table, axis: int):
+  i0, i1, lam = table
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  lam = lam.reshape(shape).astype(x.dtype)
+  return jnp.take(x, i0, axis=axis) * (1 - lam) + jnp.take(x, i1, axis=axis) * lam
+
+
+def _resize_by_tables(x, rows, cols):
+  """x (H, W, C) -> (len(rows), len(cols), C): rows first, then columns (resize_bilinear's order)."""
+  return _lerp_axis(_lerp_axis(x, rows, 0), cols, 1)
+
+
+@jax.jit
+def _padded_views(image, tables):
+  """image (Hp, Wp, 3) -> (V, Hv, Wv, 3) scaled (and flipped) views, zero outside `valid`."""
+  views = jax.vmap(_resize_by_tables, in_axes=(None, 0, 0))(
+      image.astype(jnp.float32), tables['in_rows'], tables['in_cols'])
+  valid = tables['valid']
+  rows = jnp.arange(views.shape[1])[None, :] < valid[:, 0:1]
+  cols = jnp.arange(views.shape[2])[None, :] < valid[:, 1:2]
+  return jnp.where((rows[:, :, None] & cols[:, None, :])[..., None], views, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=('softmax', 'swap_pairs'))
+def _padded_outputs(logits, tables, *, softmax: bool, swap_pairs):
+  """(V, h', w', K) view logits -> (V, Lh, Lw, K) at the original size (un-flipped)."""
+  x = logits.astype(jnp.float32)
+  if softmax:
+    x = jax.nn.softmax(x, axis=-1)
+  if x.shape[0] == 2 and swap_pairs:           # LIP's class swap on the flipped view
+    perm = list(range(x.shape[-1]))
+    for a, b in swap_pairs:
+      perm[a], perm[b] = b, a
+    x = jnp.stack([x[0], x[1][..., jnp.asarray(perm)]])
+  # The un-flip (mirror) is folded into the flipped view's column table.
+  return jax.vmap(_resize_by_tables)(x, tables['out_rows'], tables['out_cols'])
+
+
+def padded_whole_scores(forward_fn: Callable, variables, image, *, image_hw, orig_hw, label_hw,
+                        settings: 'InferenceSettings', output_stride: int = 8, device=None):
+  """Whole-mode test-time prediction of one zero-padded image, at fixed shapes.
+
+  Args:
+    forward_fn: `make_padded_forward_fn(model)`.
+    image: (Hp, Wp, 3) normalised, the test-resized image in its top-left (h, w) = image_hw.
+    label_hw: the padded label shape (Lh, Lw) the scores are laid out in.
+    device: where the tables go (the device holding `image` and `variables`).
+  Returns:
+    (Lh, Lw, K) float32: the top-left orig_hw equals `inference(...)` on the unpadded image;
+    the rest is unspecified (the label's ignore padding covers it).
+  """
+  plan = padded_whole_tables(image_hw, image.shape[:2], orig_hw, label_hw, settings,
+                             output_stride)
+  total, count = None, 0
+  for _, tables in plan:
+    tables = jax.device_put(tables, device)
+    views = _padded_views(image, tables)
+    logits = forward_fn(variables, views, tables['valid'])
+    outs = _padded_outputs(logits, tables, softmax=settings.use_probs_before_resize,
+                           swap_pairs=settings.flip_swap_pairs)
+    for v in range(outs.shape[0]):        # the reference's order: each scale, then its flip
+      total = outs[v] if total is None else total + outs[v]
+      count += 1
+  return total / count
+
+
 # ----------------------------------------------------------------------------- eval loop
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'ignore_index'))
@@ -366,6 +535,9 @@ def evaluate(config, variables, workdir: Optional[str], *, mesh=None, step: Opti
   if model is None:
     model = build_model(config)
   forward_fn = make_forward_fn(model)
+  padded = settings.mode == 'whole' and settings.padded_whole
+  padded_forward_fn = make_padded_forward_fn(model)
+  output_stride = int(config.model.backbone.output_stride)
   if mesh is not None:
     devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   else:
@@ -397,17 +569,25 @@ def evaluate(config, variables, workdir: Optional[str], *, mesh=None, step: Opti
         continue
       h, w = (int(v) for v in batch['image_hw'][j])
       oh, ow = (int(v) for v in batch['orig_hw'][j])
-      d = picker.pick((h, w, oh, ow))
-      # The exact resized image: see the module docstring on why padding is cropped off.
-      image = jax.device_put(np.ascontiguousarray(batch['image'][j:j + 1, :h, :w]), devices[d])
+      label_hw = batch['label'].shape[1:3]
+      d = picker.pick(batch['image'].shape[1:3] + label_hw if padded else (h, w, oh, ow))
       label = jax.device_put(np.asarray(batch['label'][j], np.int32), devices[d])
-      scores = inference(forward_fn, device_variables[d], image, out_hw=(oh, ow),
-                         settings=settings)
-      pred, image_conf = _predict_and_count(scores[0], label, num_classes=k,
+      if padded:   # the bucket's fixed shapes, the padding masked (module docstring)
+        image = jax.device_put(np.asarray(batch['image'][j]), devices[d])
+        scores = padded_whole_scores(padded_forward_fn, device_variables[d], image,
+                                     image_hw=(h, w), orig_hw=(oh, ow), label_hw=label_hw,
+                                     settings=settings, output_stride=output_stride,
+                                     device=devices[d])
+      else:        # the exact resized image, cropped out of its bucket
+        image = jax.device_put(np.ascontiguousarray(batch['image'][j:j + 1, :h, :w]),
+                               devices[d])
+        scores = inference(forward_fn, device_variables[d], image, out_hw=(oh, ow),
+                           settings=settings)[0]
+      pred, image_conf = _predict_and_count(scores, label, num_classes=k,
                                             ignore_index=ignore_index)
       item = {'conf': image_conf}
       if len(summaries) + len(pending) < num_summary and is_main:
-        item.update(pred=pred, image=np.asarray(batch['image'][j, :h, :w]),
+        item.update(pred=pred[:oh, :ow], image=np.asarray(batch['image'][j, :h, :w]),
                     label=np.asarray(batch['label'][j, :oh, :ow]))
       pending.append(item)
       if len(pending) >= len(devices):   # about one image in flight per device

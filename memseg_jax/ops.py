@@ -42,6 +42,15 @@ def _source_index(in_size: int, out_size: int, align_corners: bool,
   return i0, i1, lam1
 
 
+def resize_taps(in_size: int, out_size: int, *, align_corners: bool = False,
+                scale_factor: Optional[float] = None):
+  """Numpy (i0, i1, lam1) per output index: out[o] = (1 - lam1) in[i0] + lam1 in[i1].
+
+  The exact weights `resize_bilinear` uses, for code that gathers with them itself.
+  """
+  return _source_index(in_size, out_size, align_corners, scale_factor)
+
+
 def interp_matrix(in_size: int, out_size: int, *, align_corners: bool = False,
                   scale_factor: Optional[float] = None) -> np.ndarray:
   """Dense (out_size, in_size) float32 matrix M with resize_1d(x) = M @ x."""

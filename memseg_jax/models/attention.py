@@ -2,7 +2,8 @@
 
 query = two 1x1 CBR on the query input; key = two 1x1 CBR (own weights) on the key input;
 value = one 1x1 CBR on the key input; A = softmax_keys(T^-1/2 q k^T); out = 1x1 CBR(A v).
-No residual. Attention spans all H*W positions of each image. Submodule names follow the
+No residual. Attention spans all H*W positions of each image; with `valid` (zero-padded
+evaluation, layers.py) only the keys inside each image's valid region. Submodule names follow the
 reference state_dict (`query_project_0` <-> `query_project.0`, `value_project` <->
 `value_project`, ...).
 """
@@ -30,7 +31,7 @@ class SelfAttentionBlock(nn.Module):
                      bn_momentum=self.bn_momentum, bn_eps=self.bn_eps, dtype=self.dtype, name=name)
 
   @nn.compact
-  def __call__(self, query_feats, key_feats):
+  def __call__(self, query_feats, key_feats, valid=None):
     b, h, w, _ = query_feats.shape
     t = self.transform_channels
     q = self._cbr(t, 'query_project_1')(self._cbr(t, 'query_project_0')(query_feats))
@@ -41,6 +42,11 @@ class SelfAttentionBlock(nn.Module):
     v = v.reshape(b, -1, t)                                      # (B, M, T)
     # Similarities accumulate and the softmax runs in float32 whatever the compute dtype.
     sim = jnp.einsum('bnt,bmt->bnm', q, k, preferred_element_type=jnp.float32) * (t ** -0.5)
+    if valid is not None:
+      rows = jnp.arange(h)[None, :, None] < valid[:, 0, None, None]
+      cols = jnp.arange(w)[None, None, :] < valid[:, 1, None, None]
+      keys = (rows & cols).reshape(b, 1, h * w)
+      sim = jnp.where(keys, sim, -jnp.inf)
     sim = nn.softmax(sim, axis=-1).astype(v.dtype)
     context = jnp.einsum('bnm,bmt->bnt', sim, v).reshape(b, h, w, t)
     return self._cbr(self.out_channels, 'out_project')(context)

@@ -20,7 +20,8 @@ import numpy as np
 from jax import lax
 
 from memseg_jax import ops
-from memseg_jax.models.layers import BatchNorm, ConvBNAct, Dropout2d, conv, get_activation
+from memseg_jax.models.layers import (BatchNorm, ConvBNAct, Dropout2d, conv, get_activation,
+                                      mask_invalid)
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -47,6 +48,39 @@ def adaptive_avg_pool(x, out_size: int):
   return pooled.astype(x.dtype)
 
 
+def adaptive_pool_matrix_valid(valid, size: int, out_size: int):
+  """(B, out_size, size) `adaptive_pool_matrix(valid[b], out_size)` padded with zero columns.
+
+  For zero-padded evaluation (valid (B,) int traced): the bins are those of the valid length.
+  """
+  i = jnp.arange(out_size)[None, :, None]
+  v = valid[:, None, None]
+  start = (i * v) // out_size
+  end = -((-(i + 1) * v) // out_size)
+  pos = jnp.arange(size)[None, None, :]
+  inside = (pos >= start) & (pos < end)
+  return jnp.where(inside, 1.0 / jnp.maximum(end - start, 1), 0.0).astype(jnp.float32)
+
+
+def upsample_matrix_valid(valid, in_size: int, size: int):
+  """(B, size, in_size) bilinear (align_corners=False) matrix from in_size to valid[b] rows.
+
+  The in-graph counterpart of `ops.interp_matrix(in_size, valid[b])` (rows past valid[b]
+  hold unspecified weights): source coordinates are computed in float32, which can differ
+  from the reference's double-precision product in the last bit of a weight.
+  """
+  v = valid.astype(jnp.float32)[:, None]
+  scale = jnp.float32(in_size) / v                                      # (B, 1)
+  dst = jnp.arange(size, dtype=jnp.float32)[None, :]
+  src = jnp.maximum(scale * (dst + 0.5) - 0.5, 0.0)                     # (B, size)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+  i1 = jnp.minimum(i0 + 1, in_size - 1)
+  lam = jnp.where(i0 == in_size - 1, 0.0, src - i0.astype(jnp.float32))
+  cols = jnp.arange(in_size)[None, None, :]
+  return ((cols == i0[..., None]) * (1.0 - lam)[..., None]
+          + (cols == i1[..., None]) * lam[..., None]).astype(jnp.float32)
+
+
 class _Head(nn.Module):
   """Fields every head shares (normalisation, activation and dtype settings)."""
   act: str = 'relu'
@@ -68,18 +102,25 @@ class ASPP(_Head):
   dilations: Sequence[int] = (1, 12, 24, 36)
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
+    """x (B, H, W, Cin); `valid` (B, 2): the true sizes of zero-padded inputs (layers.py)."""
     h, w = x.shape[1:3]
+    x = mask_invalid(x, valid)
     outputs = []
     for i, d in enumerate(self.dilations):
       # A dilation-1 branch is a 1x1 conv; the others are 3x3 with padding = dilation.
       k = 1 if d == 1 else 3
       outputs.append(self._cbr(self.features, k, dilation=d, name=f'parallel_branches_{i}')(x))
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+    if valid is None:
+      pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    else:   # the image pool of the valid region only
+      area = (valid[:, 0] * valid[:, 1]).astype(jnp.float32)[:, None, None, None]
+      pooled = jnp.sum(x.astype(jnp.float32), axis=(1, 2), keepdims=True) / area
+    pooled = pooled.astype(x.dtype)
     pooled = self._cbr(self.features, 1, name='global_branch')(pooled)       # (B, 1, 1, C)
     outputs.append(ops.resize_bilinear(pooled, (h, w)))
     x = jnp.concatenate(outputs, axis=-1)
-    return self._cbr(self.features, 3, name='bottleneck')(x)
+    return self._cbr(self.features, 3, name='bottleneck')(x, valid)
 
 
 class PPM(_Head):
@@ -88,14 +129,28 @@ class PPM(_Head):
   pool_scales: Sequence[int] = (1, 2, 3, 6)
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
+    """x (B, H, W, Cin); `valid` (B, 2): the true sizes of zero-padded inputs (layers.py)."""
     h, w = x.shape[1:3]
     levels = [x]
     for i, s in enumerate(self.pool_scales):
-      out = self._cbr(self.features, 1, name=f'branches_{i}')(adaptive_avg_pool(x, s))
-      levels.append(ops.resize_bilinear(out, (h, w)))
+      if valid is None:
+        pooled = adaptive_avg_pool(x, s)
+      else:   # bins of the valid region, and back up to the valid size
+        ph = adaptive_pool_matrix_valid(valid[:, 0], h, s)
+        pw = adaptive_pool_matrix_valid(valid[:, 1], w, s)
+        pooled = jnp.einsum('bih,bhwc,bjw->bijc', ph, x.astype(jnp.float32), pw,
+                            precision=lax.Precision.HIGHEST).astype(x.dtype)
+      out = self._cbr(self.features, 1, name=f'branches_{i}')(pooled)
+      if valid is None:
+        levels.append(ops.resize_bilinear(out, (h, w)))
+      else:
+        uh = upsample_matrix_valid(valid[:, 0], s, h)
+        uw = upsample_matrix_valid(valid[:, 1], s, w)
+        levels.append(jnp.einsum('bhi,bijc,bwj->bhwc', uh, out.astype(jnp.float32), uw,
+                                 precision=lax.Precision.HIGHEST).astype(out.dtype))
     x = jnp.concatenate(levels, axis=-1)
-    return self._cbr(self.features, 3, name='bottleneck')(x)
+    return self._cbr(self.features, 3, name='bottleneck')(x, valid)
 
 
 class DecoderHead(_Head):

@@ -9,11 +9,20 @@ definitions of their own. NHWC throughout.
   the module running inside a mapped axis (shard_map / pmap), the batch statistics span every
   device on that axis (SyncBatchNorm); without it, plain BatchNorm. Statistics are float32
   whatever the compute dtype.
+- Valid-region masking (`mask_invalid`, `downsample_valid`): at evaluation an image may sit in
+  the top-left corner of a larger zero-padded array (fixed bucket shapes compile once). With
+  `valid` = the true (h, w) of each image, every operation that mixes positions (convolutions
+  with k > 1, max-pooling, global and adaptive pooling, attention keys) first zeroes its input
+  outside the valid region, so the valid outputs equal those of the unpadded image: a
+  convolution then reads exact zeros where the unpadded run reads its zero padding. A stride-s
+  layer (any of ours: k=3/p=1 or k=1/p=0 convs, max-pool 3/2/1) maps a valid size v to
+  ceil(v / s), exactly the unpadded output size.
 - Convolutions use explicit symmetric padding (PyTorch `padding=d*(k-1)//2`), never 'SAME',
   and PyTorch's default initialisation (kaiming-uniform a=sqrt(5): U(-1/sqrt(fan_in), ...)),
   so a model trained from scratch starts from the reference's distribution.
 """
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -23,6 +32,27 @@ from jax import lax
 
 # PyTorch's default Conv2d init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def downsample_valid(valid, stride: int):
+  """Valid (B, 2) sizes after a stride-`stride` layer: ceil(v / stride); None stays None."""
+  if valid is None or stride == 1:
+    return valid
+  return -(-valid // stride)
+
+
+def mask_invalid(x, valid):
+  """Zeroes x (B, H, W, C) outside the top-left (valid[b, 0], valid[b, 1]) of each image.
+
+  `valid` None (the usual unpadded call) returns x unchanged.
+  """
+  if valid is None:
+    return x
+  valid = jnp.asarray(valid, jnp.int32)
+  rows = jnp.arange(x.shape[1])[None, :] < valid[:, 0:1]               # (B, H)
+  cols = jnp.arange(x.shape[2])[None, :] < valid[:, 1:2]               # (B, W)
+  keep = rows[:, :, None, None] & cols[:, None, :, None]
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
 def torch_conv_bias_init(fan_in: int):
@@ -101,22 +131,114 @@ def _tap_extent(out_size: int, in_size: int, kernel_size: int, stride: int, dila
   return extents
 
 
+def _native_conv(x, kernel, stride: int, dilation: int, padding: int):
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), [(padding, padding), (padding, padding)],
+      rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      preferred_element_type=jnp.float32)
+
+
+def _tap_layout(x_shape, k: int, stride: int, dilation: int, padding: int):
+  """(oh, ow, rows, cols, taps): output size, per-axis tap extents, the taps that read input."""
+  _, h, w, _ = x_shape
+  oh = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  ow = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  rows = _tap_extent(oh, h, k, stride, dilation, padding)
+  cols = _tap_extent(ow, w, k, stride, dilation, padding)
+  taps = [(i, j) for i in range(k) for j in range(k) if rows[i] and cols[j]]
+  return oh, ow, rows, cols, taps
+
+
+def _tap_window(x, rows, cols, i, j, stride):
+  """(B, rn, cn, Cin): the inputs tap (i, j) reads for the outputs of its extent."""
+  (_, rn, ri), (_, cn, ci) = rows[i], cols[j]
+  return lax.slice(x, (0, ri, ci, 0),
+                   (x.shape[0], ri + (rn - 1) * stride + 1, ci + (cn - 1) * stride + 1,
+                    x.shape[3]), (1, stride, stride, 1))
+
+
+def _conv_taps(x, kernel, stride: int, dilation: int, padding: int):
+  """The convolution as a sum over taps of (pixels, Cin) x (Cin, Cout) matmuls, float32."""
+  oh, ow, rows, cols, taps = _tap_layout(x.shape, kernel.shape[0], stride, dilation, padding)
+  out = None
+  for i, j in taps:
+    y = jnp.einsum('bhwc,co->bhwo', _tap_window(x, rows, cols, i, j, stride), kernel[i, j],
+                   preferred_element_type=jnp.float32)
+    (r0, rn, _), (c0, cn, _) = rows[i], cols[j]
+    if (r0, rn, c0, cn) != (0, oh, 0, ow):            # zero-pad to the output size
+      y = jnp.pad(y, ((0, 0), (r0, oh - r0 - rn), (c0, ow - c0 - cn), (0, 0)))
+    out = y if out is None else out + y
+  return out
+
+
+def _tap_weight_grad(x, dy, kernel_shape, stride: int, dilation: int, padding: int):
+  """d loss / d kernel from the output cotangent: one (Cin, pixels) x (pixels, Cout) per tap."""
+  k = kernel_shape[0]
+  _, _, rows, cols, taps = _tap_layout(x.shape, k, stride, dilation, padding)
+  grads = {}
+  for i, j in taps:
+    (r0, rn, _), (c0, cn, _) = rows[i], cols[j]
+    # (Cout, Cin) = dy^T x, transposed after: XLA then lays out dy (Cout, pixels), not x. x is
+    # often not materialised (XLA:CPU fuses the residual stream's BN/add/ReLU chain into its
+    # consumers), and a transposing copy of x recomputed that chain per element in transposed
+    # order (13.5 s of a 34 s DeepLabV3 step at 512x512).
+    grads[i, j] = jnp.einsum('bhwo,bhwc->oc', dy[:, r0:r0 + rn, c0:c0 + cn].astype(x.dtype),
+                             _tap_window(x, rows, cols, i, j, stride),
+                             preferred_element_type=jnp.float32).T
+  zero = jnp.zeros(kernel_shape[2:], jnp.float32)
+  return jnp.stack([jnp.stack([grads.get((i, j), zero) for j in range(k)]) for i in range(k)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_mixed(x, kernel, stride, dilation, padding):
+  """Native convolution forward and input gradient; per-tap matmuls for the weight gradient."""
+  return _native_conv(x, kernel, stride, dilation, padding)
+
+
+def _conv_mixed_fwd(x, kernel, stride, dilation, padding):
+  return _native_conv(x, kernel, stride, dilation, padding), (x, kernel)
+
+
+def _conv_mixed_bwd(stride, dilation, padding, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x_: _native_conv(x_, kernel, stride, dilation, padding), x)
+  dx, = input_vjp(dy.astype(jnp.float32))
+  if x.shape[-1] >= _TAP_WGRAD_MIN_CHANNELS:
+    dk = _tap_weight_grad(x, dy, kernel.shape, stride, dilation, padding)
+  else:
+    _, kernel_vjp = jax.vjp(lambda k_: _native_conv(x, k_, stride, dilation, padding), kernel)
+    dk, = kernel_vjp(dy.astype(jnp.float32))
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_conv_mixed.defvjp(_conv_mixed_fwd, _conv_mixed_bwd)
+
+# CPU choices, from per-layer measurements of forward + backward at 512x512 crops (2 cores,
+# float32; XLA's native convolution vs the tap form vs PyTorch's oneDNN):
+# - dilation >= _TAPS_MIN_DILATION (the ASPP's 12/24/36, LIP's 6 at small sizes): the tap form,
+#   forward and backward. XLA's native dilated convolution is slow (1.4-1.9 s vs 0.4-0.9 s for
+#   a 2048->512 branch forward on a 64x64 map) and most off-centre taps read only padding;
+# - other k > 1 convolutions: native forward and input gradient (the tap form's pads and adds
+#   cost up to 5x on large maps with few channels: 1.33 s vs 0.24 s for the stem's 32->32 at
+#   256x256), and the weight gradient as per-tap matmuls from _TAP_WGRAD_MIN_CHANNELS input
+#   channels (0.38 s vs 0.91 s native for 512->512 at 64x64), native below it;
+# - 1x1 convolutions: one matmul.
+_TAPS_MIN_DILATION = 6
+_TAP_WGRAD_MIN_CHANNELS = 128
+
+
 def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int = 0,
            out_dtype=None, native: Optional[bool] = None):
   """torch Conv2d (symmetric zero padding, no bias) of NHWC `x` with an HWIO `kernel`.
 
-  Computed as a sum over kernel taps of (pixels, Cin) x (Cin, Cout) matmuls, each restricted to
-  the outputs whose input tap lies inside the image. Two reasons (measured on the CPU, where
-  XLA's native convolution is the alternative):
-    - the ASPP's large dilations (12, 24, 36 on 64x64 maps at 512x512, on 16x16 maps for
-      128x128 crops) put most off-centre taps in the zero padding; those products are skipped
-      (a tap entirely in the padding costs nothing, so on small maps ASPP branches shrink to
-      1x1 convolutions), exactly like the padded convolution;
-    - the weight gradients become plain matmuls over B*H*W, where XLA's convolution form runs
-      them as convolutions with the batch as feature dimension (slow for small batches).
-  The result equals the padded convolution up to float32 summation order (relative differences
-  of order 1e-6). With very few input channels (the 3-channel stem) the taps are concatenated
-  into one matmul instead (im2col), so the contraction is not 3 wide.
+  On GPUs and TPUs (and with `native=True`) this is XLA's native convolution. On the CPU the
+  computation is chosen per layer (measurements at `_TAPS_MIN_DILATION`): 1x1 convolutions are
+  matmuls; strongly dilated ones are a sum over kernel taps of (pixels, Cin) x (Cin, Cout)
+  matmuls, each restricted to the outputs whose input tap lies inside the image, so taps that
+  only read the zero padding (most of them for the ASPP's dilations on small maps) cost
+  nothing; the others run XLA's convolution forward with a custom gradient whose weight part
+  is per-tap matmuls over B*H*W (XLA's convolution form of it is slow for small batches). All
+  forms give the padded convolution up to float32 summation order (relative 1e-6).
 
   Products accumulate in float32 whatever the input dtype (bfloat16 compute); the result has
   `out_dtype` (default: the input's dtype).
@@ -131,54 +253,14 @@ def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int = 0,
     raise ValueError(f'conv2d: input {h}x{w} too small for kernel {k}, dilation {dilation}, '
                      f'padding {padding}')
   if native is None:
-    # The tap decomposition was measured faster on the CPU only; GPUs and TPUs keep XLA's
-    # native convolution (same numbers up to float32 summation order).
     native = jax.default_backend() != 'cpu'
   if native:
-    y = lax.conv_general_dilated(
-        x, kernel, (stride, stride), [(padding, padding), (padding, padding)],
-        rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or x.dtype)
-  rows = _tap_extent(oh, h, k, stride, dilation, padding)
-  cols = _tap_extent(ow, w, k, stride, dilation, padding)
-  taps = [(i, j) for i in range(k) for j in range(k) if rows[i] and cols[j]]
-
-  def window(i, j):                                   # (B, rows, cols, Cin) read by tap (i, j)
-    (_, rn, ri), (_, cn, ci) = rows[i], cols[j]
-    return lax.slice(x, (0, ri, ci, 0),
-                     (b, ri + (rn - 1) * stride + 1, ci + (cn - 1) * stride + 1, cin),
-                     (1, stride, stride, 1))
-
-  def place(y, i, j):                                 # zero-pad a tap's outputs to (oh, ow)
-    (r0, rn, _), (c0, cn, _) = rows[i], cols[j]
-    if (r0, rn, c0, cn) == (0, oh, 0, ow):
-      return y
-    return jnp.pad(y, ((0, 0), (r0, oh - r0 - rn), (c0, ow - c0 - cn), (0, 0)))
-
-  if cin * len(taps) <= _IM2COL_MAX_DEPTH and len(taps) > 1:
-    # im2col over the zero-padded input: one matmul with a contraction of k*k*Cin.
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    span_h, span_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
-    cols_ = [lax.slice(xp, (0, i * dilation, j * dilation, 0),
-                       (b, i * dilation + span_h, j * dilation + span_w, cin),
-                       (1, stride, stride, 1)) for i in range(k) for j in range(k)]
-    patches = jnp.concatenate(cols_, axis=-1)          # (B, oh, ow, k*k*Cin), tap-major
-    y = jnp.einsum('bhwc,co->bhwo', patches, kernel.reshape(k * k * cin, -1),
-                   preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or x.dtype)
-
-  out = None
-  for i, j in taps:
-    y = jnp.einsum('bhwc,co->bhwo', window(i, j), kernel[i, j],
-                   preferred_element_type=jnp.float32)
-    y = place(y, i, j)
-    out = y if out is None else out + y
-  return out.astype(out_dtype or x.dtype)
-
-
-# Contraction depth below which the taps are gathered into one matmul (the 3-channel stem).
-_IM2COL_MAX_DEPTH = 64
+    y = _native_conv(x, kernel, stride, dilation, padding)
+  elif k > 1 and dilation < _TAPS_MIN_DILATION:
+    y = _conv_mixed(x, kernel, stride, dilation, padding)
+  else:
+    y = _conv_taps(x, kernel, stride, dilation, padding)
+  return y.astype(out_dtype or x.dtype)
 
 
 class Conv(nn.Module):
@@ -237,6 +319,8 @@ class ConvBNAct(nn.Module):
   """conv (no bias) -> BatchNorm -> activation: the reference's 'CBR' (nn.Sequential(0, 1, 2)).
 
   Submodules are named `conv` and `bn`, matching indices 0 and 1 of the reference Sequential.
+  With `valid` (padded evaluation, see the module docstring) a k > 1 convolution first zeroes
+  its input outside the valid region.
   """
   features: int
   kernel_size: int = 1
@@ -251,7 +335,9 @@ class ConvBNAct(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
+    if self.kernel_size > 1:
+      x = mask_invalid(x, valid)
     x = conv(self.features, self.kernel_size, self.stride, self.dilation, self.padding,
              dtype=self.dtype, name='conv')(x)
     x = BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,

@@ -58,10 +58,18 @@ class _Segmentor(nn.Module):
     return dict(train=train, axis_name=self.axis_name, bn_momentum=self.bn_momentum,
                 bn_eps=self.bn_eps, dtype=self.dtype)
 
-  def _backbone(self, images, train):
+  def _backbone(self, images, train, valid_hw):
     return ResNet(depth=self.backbone_depth, output_stride=self.output_stride,
                   contract_dilation=self.contract_dilation, out_indices=(2, 3),
-                  name='backbone_net', **self._norm_kwargs(train))(images)
+                  name='backbone_net', **self._norm_kwargs(train))(images, valid_hw)
+
+  def _feature_valid(self, images, valid_hw):
+    """Valid sizes at the head's resolution (ceil(v / output_stride)); None when unpadded."""
+    if valid_hw is None:
+      return None
+    if images.shape[0] != valid_hw.shape[0]:
+      raise ValueError(f'valid_hw {valid_hw.shape} must be (B, 2) for images {images.shape}')
+    return -(-jnp.asarray(valid_hw, jnp.int32) // self.output_stride)
 
   def _context_module(self, train, name):
     kwargs = dict(features=self.feats_channels, act=self.act, name=name,
@@ -98,19 +106,26 @@ class MCIBI(_Segmentor):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, labels=None, lr=None,
-               memory_loss: bool = False):
+               memory_loss: bool = False, valid_hw=None):
     """images (B, H, W, 3) normalised float32; labels (B, H, W) int; lr scalar (may be traced).
+
+    `valid_hw` (B, 2) int, evaluation only: image b is the top-left (valid_hw[b]) of its
+    zero-padded array; the logits' top-left ceil(valid_hw / 8) then equal those of the
+    unpadded image (models/layers.py), so one compiled shape serves many image sizes.
 
     Returns {'logits'} in eval; in training also 'preds_stage1', 'preds_aux', 'memory_input'
     and, with `memory_loss`, 'preds_memory' (K * num_feats_per_cls, K).
     """
+    if train and valid_hw is not None:
+      raise ValueError('valid_hw is for evaluation only (train=False)')
     norm = self._norm_kwargs(train)
-    c4, c5 = self._backbone(images, train)
+    c4, c5 = self._backbone(images, train, valid_hw)
+    valid = self._feature_valid(images, valid_hw)
     feats_ms = None
     if self.use_context_within_image:
-      feats_ms = self._context_module(train, 'context_within_image_module')(c5)
+      feats_ms = self._context_module(train, 'context_within_image_module')(c5, valid)
     memory_input = ConvBNAct(self.feats_channels, 3, act=self.act, name='bottleneck',
-                             **norm)(c5)                                   # (B, h, w, C)
+                             **norm)(c5, valid)                            # (B, h, w, C)
     decoder_stage1 = DecoderHead(num_classes=self.num_classes, features=self.feats_channels,
                                  dropout=self.dropout, act=self.act, name='decoder_stage1', **norm)
     preds_stage1 = decoder_stage1(memory_input)                            # (B, h, w, K)
@@ -120,7 +135,7 @@ class MCIBI(_Segmentor):
         num_feats_per_cls=self.num_feats_per_cls, use_hard_aggregate=self.use_hard_aggregate,
         use_context_within_image=self.use_context_within_image, act=self.act,
         name='memory_module', **norm)
-    _, memory_output = memory_module(memory_input, preds_stage1, feats_ms)
+    _, memory_output = memory_module(memory_input, preds_stage1, feats_ms, valid)
     decoder_stage2 = DecoderHead(num_classes=self.num_classes, features=self.out_channels,
                                  dropout=self.dropout, act=self.act, name='decoder_stage2', **norm)
     preds_stage2 = decoder_stage2(memory_output)                           # (B, h, w, K)
@@ -161,13 +176,15 @@ class DeepLabV3(_Segmentor):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, labels=None, lr=None,
-               memory_loss: bool = False):
+               memory_loss: bool = False, valid_hw=None):
     """Same call as MCIBI; `labels`, `lr` and `memory_loss` are accepted and ignored."""
     del labels, lr, memory_loss  # no memory in the baseline
-    c4, c5 = self._backbone(images, train)
+    if train and valid_hw is not None:
+      raise ValueError('valid_hw is for evaluation only (train=False)')
+    c4, c5 = self._backbone(images, train, valid_hw)
     if self.head_type != 'aspp':
       raise ValueError(f"model.head.type: DeepLabV3 uses ASPP, got {self.head_type!r}")
-    feats = self._context_module(train, 'aspp_net')(c5)
+    feats = self._context_module(train, 'aspp_net')(c5, self._feature_valid(images, valid_hw))
     logits = ClassifierHead(num_classes=self.num_classes, dropout=self.dropout, train=train,
                             dtype=self.dtype, name='decoder')(feats)
     outputs = {'logits': logits.astype(jnp.float32)}

@@ -426,7 +426,7 @@ class FeaturesMemory(nn.Module):
                      dtype=self.dtype, name=name)
 
   @nn.compact
-  def __call__(self, feats, preds, feats_ms=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  def __call__(self, feats, preds, feats_ms=None, valid=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """Read the memory and fuse it with the pixel representations.
 
     Args:
@@ -434,6 +434,8 @@ class FeaturesMemory(nn.Module):
       preds: (B, H, W, K) coarse logits (decoder_stage1).
       feats_ms: (B, H, W, C) context-within-image features (ASPP/PPM); required when
         `use_context_within_image`.
+      valid: None, or (B, 2) the true sizes of zero-padded inputs (layers.py): attention keys
+        and 3x3 inputs are then restricted to the valid region.
 
     Returns:
       (memory (K, n, C) float32 as data, memory_output (B, H, W, out_channels)).
@@ -452,21 +454,21 @@ class FeaturesMemory(nn.Module):
     gathered = aggregate(memory_value, preds, use_hard=self.use_hard_aggregate)  # (n,B,H,W,C)
     gathered = gathered.astype(self.dtype)
     if self.num_feats_per_cls > 1:
-      attended = [self._attention(f'self_attentions_{i}')(feats, gathered[i])
+      attended = [self._attention(f'self_attentions_{i}')(feats, gathered[i], valid)
                   for i in range(self.num_feats_per_cls)]
       selected = self._cbr(self.feats_channels, 1, 'fuse_memory_conv')(
           jnp.concatenate(attended, axis=-1))
     else:
-      selected = self._attention('self_attention')(feats, gathered[0])
+      selected = self._attention('self_attention')(feats, gathered[0], valid)
     memory_output = self._cbr(self.out_channels, 3, 'bottleneck')(
-        jnp.concatenate([feats, selected], axis=-1))
+        jnp.concatenate([feats, selected], axis=-1), valid)
     if self.use_context_within_image:
       if feats_ms is None:
         raise ValueError('FeaturesMemory: use_context_within_image is on but feats_ms is None')
-      attended_ms = self._attention('self_attention_ms')(feats, feats_ms)
+      attended_ms = self._attention('self_attention_ms')(feats, feats_ms, valid)
       # Order as in the reference: the attended context first, then the memory output.
       memory_output = self._cbr(self.out_channels, 3, 'bottleneck_ms')(
-          jnp.concatenate([attended_ms, memory_output], axis=-1))
+          jnp.concatenate([attended_ms, memory_output], axis=-1), valid)
     return memory_value, memory_output
 
   def update(self, features, labels, *, momentum, ignore_index: int = 255,

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from memseg_jax.models.layers import BatchNorm, conv
+from memseg_jax.models.layers import BatchNorm, conv, downsample_valid, mask_invalid
 
 # (block, blocks per stage) for each supported depth.
 ARCH_SETTINGS = {
@@ -76,10 +76,11 @@ class BasicBlock(_Block):
   """3x3 (stride, dilation) -> BN ReLU -> 3x3 (dilation 1, as in the reference) -> BN, + id."""
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
     out = conv(self.planes, 3, stride=self.stride, dilation=self.dilation, dtype=self.dtype,
-               name='conv1')(x)
+               name='conv1')(mask_invalid(x, valid))
     out = nn.relu(self._bn('bn1')(out))
+    out = mask_invalid(out, downsample_valid(valid, self.stride))
     # The reference BasicBlock never dilates its second conv (padding 1, dilation 1).
     out = conv(self.planes, 3, dtype=self.dtype, name='conv2')(out)
     out = self._bn('bn2')(out)
@@ -90,9 +91,10 @@ class Bottleneck(_Block):
   """1x1 -> 3x3 (stride, dilation; "pytorch" style) -> 1x1 (x4), BN after each, + shortcut."""
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
     out = conv(self.planes, 1, dtype=self.dtype, name='conv1')(x)
     out = nn.relu(self._bn('bn1')(out))
+    out = mask_invalid(out, valid)
     out = conv(self.planes, 3, stride=self.stride, dilation=self.dilation, dtype=self.dtype,
                name='conv2')(out)
     out = nn.relu(self._bn('bn2')(out))
@@ -105,7 +107,9 @@ class ResNet(nn.Module):
   """ResNet-v1c. Returns the outputs of the stages listed in `out_indices` (0 = layer1).
 
   With the default (2, 3) the outputs are C4 (auxiliary head) and C5 (the segmentation head),
-  each (B, ceil(H/os), ceil(W/os), C).
+  each (B, ceil(H/os), ceil(W/os), C). With `valid` (B, 2), the true sizes of zero-padded
+  images, the valid region of each output equals the unpadded computation (layers.py); the
+  padded region holds unspecified values.
   """
   depth: int = 50
   output_stride: int = 8
@@ -122,7 +126,7 @@ class ResNet(nn.Module):
     return _batch_norm(self, name)
 
   @nn.compact
-  def __call__(self, x):  # x: (B, H, W, 3)
+  def __call__(self, x, valid=None):  # x: (B, H, W, 3); valid: None or (B, 2) int
     if self.depth not in ARCH_SETTINGS:
       raise ValueError(f'model.backbone.depth: unsupported depth {self.depth} (expected one of '
                        f'{sorted(ARCH_SETTINGS)})')
@@ -136,14 +140,17 @@ class ResNet(nn.Module):
 
     # Deep stem: the reference Sequential is (conv, BN, ReLU) x 3, indices 0/1, 3/4, 6/7.
     half = self.stem_channels // 2
-    x = conv(half, 3, stride=2, dtype=self.dtype, name='stem_0')(x)
+    x = conv(half, 3, stride=2, dtype=self.dtype, name='stem_0')(mask_invalid(x, valid))
+    valid = downsample_valid(valid, 2)
     x = nn.relu(self._bn('stem_1')(x))
-    x = conv(half, 3, dtype=self.dtype, name='stem_3')(x)
+    x = conv(half, 3, dtype=self.dtype, name='stem_3')(mask_invalid(x, valid))
     x = nn.relu(self._bn('stem_4')(x))
-    x = conv(self.stem_channels, 3, dtype=self.dtype, name='stem_6')(x)
+    x = conv(self.stem_channels, 3, dtype=self.dtype, name='stem_6')(mask_invalid(x, valid))
     x = nn.relu(self._bn('stem_7')(x))
-    # flax's max_pool pads with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # flax's max_pool pads with -inf, like PyTorch's MaxPool2d(3, 2, padding=1). Masked zeros
+    # change nothing: every window holds a valid post-ReLU value >= 0.
+    x = nn.max_pool(mask_invalid(x, valid), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    valid = downsample_valid(valid, 2)
 
     outputs = []
     in_channels = self.stem_channels
@@ -157,7 +164,8 @@ class ResNet(nn.Module):
         downsample = j == 0 and (stride != 1 or in_channels != planes * expansion)
         x = block_cls(planes, stride=stride, dilation=block_dilations[j], downsample=downsample,
                       train=self.train, axis_name=self.axis_name, bn_momentum=self.bn_momentum,
-                      bn_eps=self.bn_eps, dtype=self.dtype, name=f'layer{i + 1}_{j}')(x)
+                      bn_eps=self.bn_eps, dtype=self.dtype, name=f'layer{i + 1}_{j}')(x, valid)
+        valid = downsample_valid(valid, stride)
       in_channels = planes * expansion
       if i in self.out_indices:
         outputs.append(x)

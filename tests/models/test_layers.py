@@ -121,14 +121,16 @@ def test_dropout2d_drops_whole_channels_per_sample():
 
 
 @pytest.mark.parametrize('cin,k,stride,dilation,padding,hw', [
-    (3, 3, 2, 1, 1, (17, 12)),     # the stem: taps gathered into one matmul
+    (3, 3, 2, 1, 1, (17, 12)),     # the stem: native forward, native weight gradient
     (16, 3, 1, 2, 2, (9, 11)),
+    (128, 3, 1, 1, 1, (9, 11)),    # native forward, per-tap weight gradient
+    (128, 3, 2, 2, 2, (10, 7)),
     (16, 3, 1, 12, 12, (16, 16)),  # ASPP on a small map: off-centre taps read only padding
     (16, 3, 1, 24, 24, (16, 10)),
     (16, 1, 2, 1, 0, (9, 9)),      # strided 1x1 shortcut
     (8, 7, 2, 1, 3, (13, 8)),
 ])
-def test_tap_decomposition_equals_the_native_convolution(cin, k, stride, dilation, padding, hw):
+def test_cpu_convolution_forms_equal_the_native_convolution(cin, k, stride, dilation, padding, hw):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, *hw, cin)).astype(np.float32))
   kernel = jnp.asarray(rng.normal(size=(k, k, cin, 5)).astype(np.float32))
