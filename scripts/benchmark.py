@@ -1,6 +1,7 @@
 """Benchmark suite: memseg_jax next to the reference (SSSegmentation 1.7.0) on the same machine.
 
-    python scripts/benchmark.py --output=/tmp/benchmark.json       # everything, < 10 min on 2 CPUs
+    python scripts/benchmark.py --output=/tmp/benchmark.json       # every case, < 10 min on 2 CPUs
+    python scripts/benchmark.py --warmup_512=1 --reps_512=2 --reps=3 --slide_image=full  # ~40 min
     python scripts/benchmark.py --skip_reference --skip_slide      # memseg_jax only, quicker
     python scripts/benchmark.py --models=mcibi --train_sizes=512 --reps=5
 
@@ -16,13 +17,22 @@ the DeepLabV3 baseline (150 classes):
   eval       the eval forward of one 512x512 image (logits at 1/8 resolution).
   slide      slide inference of one 1024x2048 image, 512x1024 windows, stride 341 (15 windows),
              up to the probabilities at full size (memseg_jax `evaluate.inference`, the
-             reference `auginference`); MCIBI only, --slide_reps repetitions.
-  update     the memory update alone at 512x512, batch --batch_size, ~30 classes present:
+             reference `auginference`); MCIBI only, --slide_reps repetitions. On 2 CPU cores one
+             512x1024 window takes ~13 s on either side, so the whole image costs ~7 minutes
+             for the pair; by default (--slide_image=strip) the same code runs on the image's
+             top 512x1706 strip (3 of the 15 windows, the same window shape and stride) and the
+             table shows that time x5 as the estimate for the whole image (the row says so);
+             --slide_image=full runs all 15 windows.
+  update     the memory update alone at 512x512, batch --update_batch_size, ~30 classes present:
              naive (upsample F to 512x512, then update), fused (`update_memory_fused`), and the
              reference (`F.interpolate` + `FeaturesMemory.update`), with their peak memory.
 
-Timing: every case runs --warmup untimed calls, then --reps timed calls (--reps_512 for the
-expensive 512x512 train steps); the table shows the median (JSON: every time). memseg_jax
+Timing: every case runs --warmup untimed calls, then --reps timed calls; the table shows the
+median (JSON: every time, warm-up calls included). The 512x512 train steps take ~30-50 s per
+side on 2 cores, so by default they get one timed call and no warm-up (--warmup_512,
+--reps_512; the one-time costs a warm-up absorbs, first-touch memory and thread start-up, are
+small next to such a step). With these defaults and the slide strip the whole run stays under
+10 minutes on a 2-core machine; the time each case took is printed as it ends. memseg_jax
 programs are compiled ahead of time (`jit(...).lower(...).compile()`), so compile time is
 reported apart and never enters a median. Both sides run on all the CPUs this process may use:
 XLA's thread pool and `torch.set_num_threads` get the same count.
@@ -67,14 +77,21 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--models', default='mcibi,deeplabv3', help='comma list: mcibi, deeplabv3')
   p.add_argument('--train_sizes', default='128,512', help='square train crop sizes')
-  p.add_argument('--batch_size', type=int, default=2, help='train / update batch')
+  p.add_argument('--batch_size', type=int, default=2,
+                 help="train batch (>= 2: the reference's BN on ASPP's pooled branch needs it)")
+  p.add_argument('--update_batch_size', type=int, default=2, help='memory update batch')
   p.add_argument('--eval_size', type=int, default=512)
   p.add_argument('--warmup', type=int, default=1)
-  p.add_argument('--reps', type=int, default=3, help='timed repetitions of the cheap cases')
-  p.add_argument('--reps_512', type=int, default=2,
+  p.add_argument('--reps', type=int, default=2, help='timed repetitions of the cheap cases')
+  p.add_argument('--warmup_512', type=int, default=0,
+                 help='untimed calls before the train steps with crops >= 512')
+  p.add_argument('--reps_512', type=int, default=1,
                  help='timed repetitions of train steps with crops >= 512 (slow on a CPU)')
   p.add_argument('--slide_reps', type=int, default=1, help='slide inference, no warm-up call')
   p.add_argument('--windows_per_call', type=int, default=1, help='slide windows per network call')
+  p.add_argument('--slide_image', default='strip', choices=('strip', 'full'),
+                 help='slide on the 1024x2048 image, or on its top 512x1706 strip (3 of the 15 '
+                      'windows) with the time scaled x5 (see above)')
   p.add_argument('--classes_present', type=int, default=30, help='classes in the update labels')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='memseg_jax compute dtype (the reference always runs float32)')
@@ -106,14 +123,18 @@ def _load():
 
 def _time_calls(fn, *, warmup, reps):
   """{'median', 'min', 'times'} in seconds of `fn()` (which must block until done)."""
+  warm = []
   for _ in range(warmup):
+    t = time.perf_counter()
     fn()
+    warm.append(time.perf_counter() - t)
   times = []
   for _ in range(max(reps, 1)):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return {'median': statistics.median(times), 'min': min(times), 'times': times}
+  return {'median': statistics.median(times), 'min': min(times), 'times': times,
+          'warmup_times': warm}
 
 
 def _proc_status_kib(field):
@@ -140,8 +161,9 @@ def _peak_rss_rise(fn):
 def _labels(rng, batch, size, num_present, ignore):
   """(B, H, W) int32: 32x32 blocks of `num_present` classes (each present), some ignored blocks."""
   h, w = size
-  classes = rng.choice(NUM_CLASSES, num_present, replace=False)
   bh, bw = -(-h // 32), -(-w // 32)
+  num_present = min(num_present, batch * bh * bw)    # 16 blocks in one 128x128 crop
+  classes = rng.choice(NUM_CLASSES, num_present, replace=False)
   blocks = classes[rng.randint(0, num_present, (batch, bh, bw))]
   blocks.reshape(-1)[:num_present] = classes      # every chosen class occurs
   blocks[rng.rand(batch, bh, bw) < 0.05] = ignore
@@ -227,7 +249,7 @@ def bench_update(ctx):
   from memseg_jax import ops  # pylint: disable=import-outside-toplevel
   from memseg_jax.models import memory as mem_lib  # pylint: disable=import-outside-toplevel
   jax, args = ctx.jax, ctx.args
-  size, c, b = 512, 512, args.batch_size
+  size, c, b = 512, 512, args.update_batch_size
   h = w = -(-size // 8)
   rng = np.random.RandomState(1)
   memory = rng.rand(NUM_CLASSES, 1, c).astype(np.float32)
@@ -259,6 +281,13 @@ def bench_update(ctx):
     out[name] = {'time': t, 'compile_s': compile_s, 'xla_temp_bytes': int(stats.temp_size_in_bytes),
                  'rss_peak_bytes': rss}
   out['max_abs_diff_fused_vs_naive'] = float(np.abs(results['fused'] - results['naive']).max())
+  if args.batch_size != b:   # the fused update at the train batch, for its share of the step
+    tb = args.batch_size
+    dev_tb = [jnp.asarray(memory), jnp.asarray(np.resize(feats, (tb, h, w, c))),
+              jnp.asarray(np.resize(labels, (tb, size, size)))]
+    compiled = jax.jit(fused).lower(*dev_tb).compile()
+    out['fused_at_train_batch'] = {'batch': tb, 'time': _time_calls(
+        lambda: compiled(*dev_tb).block_until_ready(), warmup=args.warmup, reps=args.reps)}
 
   if ctx.reference is not None:
     torch = ctx.torch
@@ -297,6 +326,7 @@ def bench_train(ctx, model_name, size):
   jax, args = ctx.jax, ctx.args
   b = args.batch_size
   reps = args.reps_512 if size >= 512 else args.reps
+  warmup = args.warmup_512 if size >= 512 else args.warmup
   rng = np.random.RandomState(2)
   images = rng.randn(b, size, size, 3).astype(np.float32)
   labels = _labels(rng, b, (size, size), args.classes_present, 255)
@@ -333,7 +363,7 @@ def bench_train(ctx, model_name, size):
     jax.block_until_ready(metrics)
     holder['state'] = new_state
 
-  t = _time_calls(call, warmup=args.warmup, reps=reps)
+  t = _time_calls(call, warmup=warmup, reps=reps)
   out = {'batch': b, 'size': size, 'compile_s': compile_s, 'flops': flops, 'jax': t,
          'jax_images_per_s': b / t['median'], 'jax_gflops': _gflops(flops, t['median'])}
   del holder, state, compiled, step
@@ -355,7 +385,7 @@ def bench_train(ctx, model_name, size):
       outputs.loss.backward()
       optimizer.step()
 
-    tr = _time_calls(ref_call, warmup=args.warmup, reps=reps)
+    tr = _time_calls(ref_call, warmup=warmup, reps=reps)
     out['ref'] = tr
     out['ref_images_per_s'] = b / tr['median']
     out['ratio'] = t['median'] / tr['median']
@@ -418,6 +448,10 @@ def bench_slide(ctx, model_name='mcibi'):
   from memseg_jax.models import build_model  # pylint: disable=import-outside-toplevel
   jax, args = ctx.jax, ctx.args
   image = np.random.RandomState(4).randn(1, *SLIDE_SHAPE, 3).astype(np.float32)
+  full_windows = len(evaluate.slide_windows(SLIDE_SHAPE, SLIDE_CROP, SLIDE_STRIDE))
+  if args.slide_image == 'strip':   # the top row of windows, cut where its 3rd window ends
+    image = np.ascontiguousarray(image[:, :SLIDE_CROP[0], :SLIDE_CROP[1] + 2 * SLIDE_STRIDE[1]])
+  shape = image.shape[1:3]
   config = ctx.config(model_name, SLIDE_CROP)
   calib = image[:, :SLIDE_CROP[0], :SLIDE_CROP[1]].transpose(0, 3, 1, 2)
   ref, variables = ctx.build(model_name, 'TEST', calib)
@@ -430,7 +464,8 @@ def bench_slide(ctx, model_name='mcibi'):
       mode='slide', crop_size=SLIDE_CROP, stride=SLIDE_STRIDE,
       windows_per_call=args.windows_per_call, scales=(1.0,), flip=False,
       use_probs_before_resize=True, flip_swap_pairs=())
-  windows = evaluate.slide_windows(SLIDE_SHAPE, SLIDE_CROP, SLIDE_STRIDE)
+  windows = evaluate.slide_windows(shape, SLIDE_CROP, SLIDE_STRIDE)
+  scale = full_windows / len(windows)      # 1 for the full image, 5 for the strip
   # Compile the network for the window batch first (jit's own cache), so the timed calls
   # include only the small per-shape helpers' first compiles on the first repetition.
   t0 = time.perf_counter()
@@ -439,13 +474,15 @@ def bench_slide(ctx, model_name='mcibi'):
   compile_s = time.perf_counter() - t0
 
   def call():
-    return jax.block_until_ready(evaluate.inference(forward, variables, image, out_hw=SLIDE_SHAPE,
+    return jax.block_until_ready(evaluate.inference(forward, variables, image, out_hw=shape,
                                                     settings=settings))
 
   t = _time_calls(call, warmup=0, reps=args.slide_reps)
-  out = {'shape': list(SLIDE_SHAPE), 'crop': list(SLIDE_CROP), 'stride': list(SLIDE_STRIDE),
-         'windows': len(windows), 'windows_per_call': args.windows_per_call,
-         'compile_and_first_window_s': compile_s, 'jax': t}
+  out = {'shape': list(SLIDE_SHAPE), 'run_shape': list(shape), 'crop': list(SLIDE_CROP),
+         'stride': list(SLIDE_STRIDE), 'windows': len(windows), 'full_windows': full_windows,
+         'estimate_scale': scale, 'windows_per_call': args.windows_per_call,
+         'compile_and_first_window_s': compile_s, 'jax': t,
+         'jax_estimate_s': t['median'] * scale}
   if ref is not None:
     torch = ctx.torch
     import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
@@ -458,16 +495,18 @@ def bench_slide(ctx, model_name='mcibi'):
     def ref_call():
       with torch.no_grad():
         views = ref.auginference(x)
-        views = [F.interpolate(v, size=SLIDE_SHAPE, mode='bilinear', align_corners=False)
+        views = [F.interpolate(v, size=shape, mode='bilinear', align_corners=False)
                  for v in views]
         return sum(views) / len(views)
 
     tr = _time_calls(ref_call, warmup=0, reps=args.slide_reps)
     out['ref'] = tr
+    out['ref_estimate_s'] = tr['median'] * scale
     out['ratio'] = t['median'] / tr['median']
   ctx.results[f'slide_{model_name}_{SLIDE_SHAPE[0]}x{SLIDE_SHAPE[1]}'] = out
-  print(f"slide {model_name} {SLIDE_SHAPE}: memseg_jax {t['median']:.1f} s"
-        + (f", reference {out['ref']['median']:.1f} s, ratio {out['ratio']:.2f}"
+  how = '' if scale == 1 else f' (estimated: {shape[0]}x{shape[1]} strip, {len(windows)} windows, x{scale:g})'
+  print(f"slide {model_name} {SLIDE_SHAPE}{how}: memseg_jax {out['jax_estimate_s']:.1f} s"
+        + (f", reference {out['ref_estimate_s']:.1f} s, ratio {out['ratio']:.2f}"
            if 'ref' in out else ''), flush=True)
 
 
@@ -493,7 +532,12 @@ def summarize(ctx):
                      + (f" = {v['jax_gflops'] / peak:.0%} of matmul" if peak else ''))
       if 'compile_s' in v:
         extra.append(f"compile {v['compile_s']:.0f} s")
-      rows.append((key, v['jax']['median'], ref_t, v.get('ratio'), ', '.join(extra)))
+      ours = v['jax']['median']
+      if v.get('estimate_scale', 1) != 1:   # the slide strip, scaled to the whole image
+        ours, ref_t = v['jax_estimate_s'], v.get('ref_estimate_s')
+        extra.append(f"estimate: {v['run_shape'][0]}x{v['run_shape'][1]} strip "
+                     f"({v['windows']} of {v['full_windows']} windows) x{v['estimate_scale']:g}")
+      rows.append((key, ours, ref_t, v.get('ratio'), ', '.join(extra)))
   if 'memory_update_512' in r:
     u = r['memory_update_512']
     ref_t = u.get('ref', {}).get('time', {}).get('median')
@@ -520,10 +564,12 @@ def summarize(ctx):
       headline['update_ref_time_over_fused'] = (
           u['ref']['time']['median'] / u['fused']['time']['median'])
     train512 = r.get('train_mcibi_512')
-    if train512:
+    if train512:   # the update at the train step's batch
+      fused = u.get('fused_at_train_batch', u['fused'])
       headline['update_fused_fraction_of_train_step_512'] = (
-          u['fused']['time']['median'] / train512['jax']['median'])
-  for key in ('train_mcibi_512', 'train_deeplabv3_512', 'eval_mcibi_512', 'eval_deeplabv3_512'):
+          fused['time']['median'] / train512['jax']['median'])
+  for key in ('train_mcibi_128', 'train_deeplabv3_128', 'train_mcibi_512', 'train_deeplabv3_512',
+              'eval_mcibi_512', 'eval_deeplabv3_512', 'slide_mcibi_1024x2048'):
     if key in r and 'ratio' in r[key]:
       headline[f'{key}_jax_over_ref'] = r[key]['ratio']
   if peak:
@@ -549,18 +595,22 @@ def main(argv=None):
         + (f', torch {ctx.torch.__version__} ({ctx.torch.get_num_threads()} threads)'
            if ctx.reference is not None else ''), flush=True)
 
-  bench_matmul(ctx)
+  cases = [('matmul', bench_matmul, ())]
   if not args.skip_update:
-    bench_update(ctx)
+    cases.append(('update', bench_update, ()))
   if not args.skip_train:
-    for size in sizes:
-      for m in models:
-        bench_train(ctx, m, size)
+    cases += [(f'train {m} {size}', bench_train, (m, size)) for size in sizes for m in models]
   if not args.skip_eval:
-    for m in models:
-      bench_eval(ctx, m)
+    cases += [(f'eval {m}', bench_eval, (m,)) for m in models]
   if not args.skip_slide and 'mcibi' in models:
-    bench_slide(ctx, 'mcibi')
+    cases.append(('slide mcibi', bench_slide, ('mcibi',)))
+  wall = {}
+  for name, fn, fn_args in cases:
+    t0 = time.perf_counter()
+    fn(ctx, *fn_args)
+    wall[name] = time.perf_counter() - t0
+    print(f'  [{name}: {wall[name]:.0f} s, {time.perf_counter() - t_start:.0f} s so far]',
+          flush=True)
 
   rows, headline = summarize(ctx)
   total = time.perf_counter() - t_start
@@ -581,7 +631,8 @@ def main(argv=None):
         'cpu_threads': _threads(),
         'torch_version': ctx.torch.__version__ if ctx.reference is not None else None,
         'load_avg_1min_before': load_before, 'load_avg_1min_after': load_after,
-        'total_seconds': total, 'results': ctx.results, 'headline': headline,
+        'total_seconds': total, 'case_wall_seconds': wall, 'results': ctx.results,
+        'headline': headline,
         'table': [dict(zip(('case', 'jax_s', 'ref_s', 'ratio', 'notes'), row)) for row in rows],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -182,9 +182,10 @@ def _tap_weight_grad(x, dy, kernel_shape, stride: int, dilation: int, padding: i
     # often not materialised (XLA:CPU fuses the residual stream's BN/add/ReLU chain into its
     # consumers), and a transposing copy of x recomputed that chain per element in transposed
     # order (13.5 s of a 34 s DeepLabV3 step at 512x512).
-    grads[i, j] = jnp.einsum('bhwo,bhwc->oc', dy[:, r0:r0 + rn, c0:c0 + cn].astype(x.dtype),
-                             _tap_window(x, rows, cols, i, j, stride),
-                             preferred_element_type=jnp.float32).T
+    # float32 operands: XLA:CPU has no bf16 x bf16 -> f32 kernel for this product (this path
+    # only runs on the CPU, where bfloat16 is emulated anyway).
+    grads[i, j] = jnp.einsum('bhwo,bhwc->oc', dy[:, r0:r0 + rn, c0:c0 + cn].astype(jnp.float32),
+                             _tap_window(x, rows, cols, i, j, stride).astype(jnp.float32)).T
   zero = jnp.zeros(kernel_shape[2:], jnp.float32)
   return jnp.stack([jnp.stack([grads.get((i, j), zero) for j in range(k)]) for i in range(k)])
 
