@@ -37,9 +37,12 @@ def parse_args(argv=None):
 
 def run_one(config_path, dtype, workdir, steps):
   """Trains (or resumes) one run and returns its evaluation results (with 'mIoU')."""
+  from memseg_jax import main as memseg_main  # pylint: disable=import-outside-toplevel
   from memseg_jax import train  # pylint: disable=import-outside-toplevel
   from memseg_jax.config_validation import load_config  # pylint: disable=import-outside-toplevel
   config = load_config(config_path)
+  # The demo's synthetic_scenes is generated on first use, as `memseg_jax.main` does.
+  memseg_main._prepare_synthetic_data(config)  # pylint: disable=protected-access
   config.model.dtype = dtype
   if steps > 0:
     config.train.num_train_steps = steps
