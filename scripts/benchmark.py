@@ -237,12 +237,7 @@ class Context:
       self._calibrated[model_name] = ru.build_reference(
           ru.reference_cfg(model=model_name), 'TEST', calibration_images=images_nchw,
           random_memory=True)
-    ref = copy.deepcopy(self._calibrated[model_name])
-    if mode == 'TEST':
-      ref.eval()
-    else:
-      ref.train()
-      ref.mode = mode
+    ref = ru.set_mode(copy.deepcopy(self._calibrated[model_name]), mode)
     config = self.config(model_name, (64, 64))
     variables = convert.convert_ssseg_state_dict(ru.to_numpy_state_dict(ref), config)
     return ref, self.jax.tree_util.tree_map(np.asarray, variables)

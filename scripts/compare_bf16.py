@@ -41,15 +41,15 @@ def run_one(config_path, dtype, workdir, steps):
   from memseg_jax import train  # pylint: disable=import-outside-toplevel
   from memseg_jax.config_validation import load_config  # pylint: disable=import-outside-toplevel
   config = load_config(config_path)
-  # The demo's synthetic_scenes is generated on first use, as `memseg_jax.main` does.
-  memseg_main._prepare_synthetic_data(config)  # pylint: disable=protected-access
   config.model.dtype = dtype
   if steps > 0:
     config.train.num_train_steps = steps
   # Evaluated once below (evaluate_checkpoint returns the numbers), not inside the loop too.
   config.train.final_eval = False
   t0 = time.time()
-  train.train_and_evaluate(config, workdir)
+  # The library entry of `python -m memseg_jax.main`: validates the config and generates the
+  # demo's synthetic_scenes on first use before training.
+  memseg_main.run(config, workdir)
   train_s = time.time() - t0
   results = train.evaluate_checkpoint(config, workdir)
   return {'dtype': dtype, 'workdir': workdir, 'train_seconds': train_s,

@@ -215,6 +215,11 @@ def build_reference(cfg, mode='TEST', *, seed=0, calibration_images=None, random
       memory.copy_(torch.rand(memory.shape, generator=gen))
   calibrate_batchnorm(model, lambda: model(SSSegInputStructure(images=images, mode='TEST')),
                       seed=seed + 2)
+  return set_mode(model, mode)
+
+
+def set_mode(model, mode):
+  """`model` in `mode`: 'TEST' -> eval(), 'TRAIN' / 'TRAIN_DEVELOP' -> train() with that mode."""
   if mode == 'TEST':
     model.eval()
   else:
