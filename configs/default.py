@@ -22,8 +22,11 @@ def get_config():
   m.act = 'relu'                  # head/aux activation: 'relu' or 'leaky_relu' (LIP: slope 0.01)
   m.bn_eps = 1e-5
   m.bn_momentum = 0.1             # PyTorch convention: running = 0.9 * running + 0.1 * batch
+  m.conv_impl = 'auto'            # 'auto' (by the devices compiled for), 'native' or 'taps' (CPU)
 
   m.backbone = ml_collections.ConfigDict()
+  m.backbone.type = 'resnet'      # memseg_jax.models.backbones.REGISTRY
+  m.backbone.selected_indices = (0, 1, 2, 3)   # outputs read: head the last, aux the one before
   m.backbone.depth = 50           # 18, 50 or 101 (ResNet-v1c: deep stem)
   m.backbone.output_stride = 8    # 8, 16 or 32
   m.backbone.contract_dilation = True

@@ -19,13 +19,11 @@ import os
 from typing import Any, Sequence
 
 KNOWN_DATASETS = ('ade20k', 'cityscapes', 'lip', 'cocostuff10k', 'synthetic_scenes')
-MODELS = ('mcibi', 'deeplabv3')
-DEPTHS = (18, 50, 101)
-OUTPUT_STRIDES = (8, 16, 32)
 HEAD_TYPES = ('aspp', 'ppm')
 ACTIVATIONS = ('relu', 'leaky_relu')
 DTYPES = ('float32', 'bfloat16')
 STRATEGIES = ('cosine_similarity', 'mean')
+CONV_IMPLS = ('auto', 'native', 'taps')
 INFERENCE_MODES = ('whole', 'slide')
 
 
@@ -116,17 +114,38 @@ def _positive_sequence(config, key, *, allow_empty=False):
   return items
 
 
+def _backbone(config):
+  """The backbone's type and its own keys (checked by its module in models/backbones)."""
+  from memseg_jax import models  # pylint: disable=import-outside-toplevel
+  _one_of(config, 'model.backbone.type', tuple(models.backbones.REGISTRY))
+  module = models.backbone_module(config)
+  try:
+    module.check_config(models.backbone_config(config))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  num_outputs = len(module.output_strides(models.backbone_config(config)))
+  indices = _get(config, 'model.backbone.selected_indices')
+  try:
+    ok = len(indices) > 0 and all(int(i) == i and 0 <= i < num_outputs for i in indices)
+  except TypeError:
+    ok = False
+  if not ok:
+    _fail('model.backbone.selected_indices', indices,
+          f'must be indices of the backbone\'s {num_outputs} outputs')
+
+
 def validate(config, num_devices: int = 1) -> None:
   """Raises ConfigError (one line, naming the key) for the first unusable value."""
   # model
-  name = _one_of(config, 'model.name', MODELS)
+  from memseg_jax import models  # pylint: disable=import-outside-toplevel
+  name = _one_of(config, 'model.name', tuple(models.SEGMENTORS))
   _number(config, 'model.num_classes', positive=True, integer=True, at_most=254)
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.act', ACTIVATIONS)
   _number(config, 'model.bn_eps', positive=True)
   _number(config, 'model.bn_momentum', non_negative=True, at_most=1)
-  _one_of(config, 'model.backbone.depth', DEPTHS)
-  _one_of(config, 'model.backbone.output_stride', OUTPUT_STRIDES)
+  _one_of(config, 'model.conv_impl', CONV_IMPLS)
+  _backbone(config)
   head_type = _one_of(config, 'model.head.type', HEAD_TYPES)
   if name == 'deeplabv3' and head_type != 'aspp':
     _fail('model.head.type', head_type, "must be 'aspp' for model.name='deeplabv3'")

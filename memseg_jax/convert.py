@@ -8,12 +8,15 @@ r"""PyTorch checkpoints -> Flax variables: SSSegmentation MCIBI/DeepLabV3 models
 The mapping is derived, not listed: every leaf of the Flax variable tree of
 `build_model(config)` (shapes from `jax.eval_shape`, nothing is allocated) gets the name the
 reference gives it, by these rules:
-- module `name_N` <-> `name.N` (list/Sequential entries: `layer1_0` <-> `layer1.0`);
+- module `name_N` <-> `name.N` (list/Sequential entries: `layer1_0` <-> `layer1.0`, and nested
+  ones `fuse_layers_1_0_0` <-> `fuse_layers.1.0.0`); a backbone module may name its own
+  modules differently (`torch_module_path`, see memseg_jax/models/backbones);
 - `ConvBNAct` children `conv`/`bn` <-> indices 0/1 of the reference Sequential, shifted by one
   inside the pooling branches (`global_branch`, PPM `branches.N`) whose index 0 is the pooling;
 - decoder classifiers `classifier` <-> index 4 (index 1 in DeepLabV3's dropout + conv decoder);
-- leaves: kernel/scale -> weight, BN mean/var -> running_mean/running_var; the memory
-  (K, n, C) keeps its name and layout. Conv kernels go OIHW -> HWIO.
+- leaves: kernel/scale -> weight, BN mean/var -> running_mean/running_var; other parameters
+  (e.g. a position embedding) and the memory keep their names and layouts. Conv kernels go
+  OIHW -> HWIO, Linear weights (out, in) -> (in, out).
 `num_batches_tracked` entries carry no information for inference or training and are dropped.
 Any key missing, unexpected, or of the wrong shape is a ValueError that names it: a checkpoint
 is either loaded completely or not at all.
@@ -45,7 +48,18 @@ _LEAF_NAMES = {
 _POOLED_PARENT = re.compile(r'global_branch|branches_\d+')
 
 
-def _torch_module_path(modules: Tuple[str, ...]) -> str:
+def _split_indices(name: str) -> Tuple[str, ...]:
+  """'fuse_layers_1_0_0' -> ('fuse_layers', '1', '0', '0'); 'layer1_0' -> ('layer1', '0')."""
+  return tuple(re.split(r'_(?=\d+(?:_|$))', name))
+
+
+def _torch_module_path(modules: Tuple[str, ...], backbone_type: str = 'resnet') -> str:
+  if modules and modules[0] == 'backbone_net':
+    from memseg_jax.models import backbones  # pylint: disable=import-outside-toplevel
+    custom = getattr(backbones.get(backbone_type), 'torch_module_path', None)
+    path = custom(tuple(modules[1:])) if custom else None
+    if path is not None:
+      return f'backbone_net.{path}' if path else 'backbone_net'
   parts = []
   for i, name in enumerate(modules):
     parent = modules[i - 1] if i > 0 else ''
@@ -55,17 +69,21 @@ def _torch_module_path(modules: Tuple[str, ...]) -> str:
     elif name == 'classifier':
       parts.append('1' if parent == 'decoder' else '4')
     else:
-      match = re.fullmatch(r'(.+)_(\d+)', name)
-      parts.extend(match.groups() if match else (name,))
+      parts.extend(_split_indices(name))
   return '.'.join(parts)
 
 
-def torch_key(flax_key: Tuple[str, ...]) -> str:
+def torch_key(flax_key: Tuple[str, ...], backbone_type: str = 'resnet') -> str:
   """('params', 'backbone_net', 'layer1_0', 'conv1', 'kernel') -> 'backbone_net.layer1.0.conv1.weight'."""
   collection, *modules, leaf = flax_key
-  if (collection, leaf) not in _LEAF_NAMES:
+  if (collection, leaf) in _LEAF_NAMES:
+    leaf_name = _LEAF_NAMES[(collection, leaf)]
+  elif collection == 'params':
+    leaf_name = leaf            # a bare parameter (e.g. `pos_embed`) keeps its name
+  else:
     raise ValueError(f'no PyTorch name for the Flax variable {"/".join(flax_key)}')
-  return f'{_torch_module_path(tuple(modules))}.{_LEAF_NAMES[(collection, leaf)]}'
+  path = _torch_module_path(tuple(modules), backbone_type)
+  return f'{path}.{leaf_name}' if path else leaf_name
 
 
 def variable_shapes(config) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
@@ -85,9 +103,11 @@ def _to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
-def _flax_value(torch_value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
-  if torch_value.ndim == 4 and len(shape) == 4:
+def _flax_value(torch_value: np.ndarray, shape: Tuple[int, ...], leaf: str = '') -> np.ndarray:
+  if torch_value.ndim == 4 and len(shape) == 4 and leaf == 'kernel':
     torch_value = torch_value.transpose(2, 3, 1, 0)      # OIHW -> HWIO
+  elif torch_value.ndim == 2 and len(shape) == 2 and leaf == 'kernel':
+    torch_value = torch_value.T                          # Linear (out, in) -> Dense (in, out)
   return torch_value.astype(np.float32)
 
 
@@ -111,10 +131,10 @@ def _convert(state_dict: Mapping[str, Any], expected: Mapping[str, Tuple[Tuple[s
   flat, wrong_shape = {}, []
   for key in sorted(set(given) & set(expected)):
     flax_key, shape = expected[key]
-    value = _flax_value(_to_numpy(given[key]), shape)
+    value = _flax_value(_to_numpy(given[key]), shape, flax_key[-1])
     if value.shape != shape:
       wrong_shape.append(f'{key} has shape {tuple(_to_numpy(given[key]).shape)}, '
-                         f'expected {_torch_shape(shape)}')
+                         f'expected {_torch_shape(shape, flax_key[-1])}')
       continue
     flat[flax_key] = value
   if wrong_shape:
@@ -124,10 +144,12 @@ def _convert(state_dict: Mapping[str, Any], expected: Mapping[str, Tuple[Tuple[s
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def _torch_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-  if len(shape) == 4:
+def _torch_shape(shape: Tuple[int, ...], leaf: str = 'kernel') -> Tuple[int, ...]:
+  if len(shape) == 4 and leaf == 'kernel':
     h, w, i, o = shape
     return (o, i, h, w)
+  if len(shape) == 2 and leaf == 'kernel':
+    return shape[::-1]
   return shape
 
 
@@ -138,12 +160,13 @@ def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> Mapping[str, An
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], shapes: Mapping[Tuple[str, ...], tuple],
-                       what: str = 'the state_dict') -> Dict[str, Any]:
+                       what: str = 'the state_dict',
+                       backbone_type: str = 'resnet') -> Dict[str, Any]:
   """Strict conversion onto any Flax variable tree given as flattened {(collection, *path): shape}.
 
   Used for whole models below and for single modules (a head, the backbone) in tests.
   """
-  expected = {torch_key(k): (k, tuple(shape)) for k, shape in shapes.items()}
+  expected = {torch_key(k, backbone_type): (k, tuple(shape)) for k, shape in shapes.items()}
   return _convert(state_dict, expected, what)
 
 
@@ -154,23 +177,38 @@ def convert_ssseg_state_dict(state_dict: Mapping[str, Any], config) -> Dict[str,
   unexpected or wrongly shaped key.
   """
   state_dict = _strip_prefix(state_dict, 'module.')   # saved from a DDP-wrapped model
-  return convert_state_dict(state_dict, variable_shapes(config), 'the checkpoint')
+  return convert_state_dict(state_dict, variable_shapes(config), 'the checkpoint',
+                            config.model.backbone.type)
 
 
-def convert_imagenet_resnet(state_dict: Mapping[str, Any], config) -> Dict[str, Any]:
-  """An open-mmlab ResNet-v1c ImageNet state_dict -> {'params': {'backbone_net': ...}, 'batch_stats': ...}.
+def convert_imagenet(state_dict: Mapping[str, Any], config) -> Dict[str, Any]:
+  """An ImageNet backbone state_dict -> {'params': {'backbone_net': ...}, 'batch_stats': ...}.
 
-  Keys as in `resnet50_v1c` / `resnet101_v1c` (`stem.0.weight`, `layer1.0.conv1.weight`, ...);
-  the classifier `fc.*` is dropped, a 'state_dict' wrapper is accepted. The result initialises
-  the backbone of `build_model(config)` (merge it into freshly initialised variables).
+  Keys as the reference's backbone names them (open-mmlab `resnet50_v1c`: `stem.0.weight`,
+  `layer1.0.conv1.weight`, ...); a 'state_dict' or 'model' wrapper is accepted. The backbone
+  module's `imagenet_state_dict` maps other layouts and names the keys the reference's
+  `strict=False` load ignores (an ImageNet classifier): they are dropped, counted in the log
+  and named at debug level; any other mismatch is an error. The result initialises the
+  backbone of `build_model(config)` (merge it into freshly initialised variables).
   """
-  if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], Mapping):
-    state_dict = state_dict['state_dict']
-  state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  from memseg_jax.models import backbone_module  # pylint: disable=import-outside-toplevel
+  for wrapper in ('state_dict', 'model'):
+    if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+      state_dict = state_dict[wrapper]
+      break
+  hook = getattr(backbone_module(config), 'imagenet_state_dict', None)
+  if hook is not None:
+    state_dict, ignored = hook(dict(state_dict))
+    if ignored:
+      logging.info('ImageNet checkpoint: %d keys the backbone does not use were ignored '
+                   '(as the reference loads it with strict=False)', len(ignored))
+      logging.debug('ignored ImageNet keys: %s', ', '.join(sorted(ignored)))
+  backbone_type = config.model.backbone.type
   expected = {}
   for k, shape in variable_shapes(config).items():
     if len(k) > 1 and k[1] == 'backbone_net':
-      expected[torch_key(k)[len('backbone_net.'):]] = (k, shape)
+      expected[torch_key(k, backbone_type)[len('backbone_net.'):]] = (k, shape)
   return _convert(state_dict, expected, 'the ImageNet checkpoint')
 
 
@@ -198,10 +236,10 @@ def load_ssseg_checkpoint(path: str, config) -> Dict[str, Any]:
 
 
 def load_imagenet_checkpoint(path: str, config) -> Dict[str, Any]:
-  """Reads an open-mmlab ImageNet ResNet .pth and converts it (see `convert_imagenet_resnet`)."""
+  """Reads an ImageNet backbone .pth and converts it (see `convert_imagenet`)."""
   checkpoint = _read_torch_file(path)
   try:
-    return convert_imagenet_resnet(checkpoint, config)
+    return convert_imagenet(checkpoint, config)
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from e
 

@@ -523,7 +523,7 @@ def evaluate(config, variables, workdir: Optional[str], *, mesh=None, step: Opti
     metrics.compute_metrics(...) (mIoU, mAcc, aAcc, per_class_iou, per_class_acc,
     num_images) plus 'step' and 'seconds'.
   """
-  from memseg_jax import visualize  # pylint: disable=import-outside-toplevel
+  from memseg_jax import models, visualize  # pylint: disable=import-outside-toplevel
   from memseg_jax.models import build_model  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -532,16 +532,18 @@ def evaluate(config, variables, workdir: Optional[str], *, mesh=None, step: Opti
   k = int(config.model.num_classes)
   ignore_index = int(config.data.ignore_index)
   class_names, palette = dataset_metadata(config)
-  if model is None:
-    model = build_model(config)
-  forward_fn = make_forward_fn(model)
-  padded = settings.mode == 'whole' and settings.padded_whole
-  padded_forward_fn = make_padded_forward_fn(model)
-  output_stride = int(config.model.backbone.output_stride)
   if mesh is not None:
     devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   else:
     devices = jax.local_devices()
+  if model is None:
+    model = build_model(config, platform=devices[0].platform)
+  forward_fn = make_forward_fn(model)
+  # Models whose layers cannot mask a padded region run each image at its exact size.
+  padded = (settings.mode == 'whole' and settings.padded_whole
+            and models.supports_valid_hw(config))
+  padded_forward_fn = make_padded_forward_fn(model)
+  output_stride = models.logits_stride(config)
   # Plain host copies first: variables may arrive sharded over a training mesh.
   host_variables = jax.tree_util.tree_map(np.asarray, variables)
   device_variables = [jax.device_put(host_variables, d) for d in devices]

@@ -97,8 +97,9 @@ def predict_images(config, variables, paths: Sequence[str], output_dir: str,
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   _, palette = evaluate.dataset_metadata(config)
   settings = evaluate.InferenceSettings.from_config(config)
-  forward_fn = evaluate.make_forward_fn(model or build_model(config))
-  variables = jax.device_put(jax.tree_util.tree_map(np.asarray, variables))
+  device = jax.local_devices()[0]
+  forward_fn = evaluate.make_forward_fn(model or build_model(config, platform=device.platform))
+  variables = jax.device_put(jax.tree_util.tree_map(np.asarray, variables), device)
   outputs = _output_paths(paths, output_dir)
   for path, (mask_path, overlay_path) in tqdm(list(zip(paths, outputs)), desc='predict',
                                               unit='img', disable=not progress):

@@ -367,7 +367,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  model = build_model(config, axis_name=AXIS)
+  # The convolution form follows the devices the step runs on (models/layers.py).
+  model = build_model(config, axis_name=AXIS, platform=mesh.devices.flat[0].platform)
   steps = {}
 
   def train_step(memory_loss: bool):

@@ -150,7 +150,7 @@ def test_imagenet_resnet_conversion_fills_the_backbone():
   state_dict = dict(ref.state_dict())
   state_dict.update({'fc.weight': torch.zeros(1000, 2048), 'fc.bias': torch.zeros(1000)})
   config = ru.project_config()
-  variables = convert.convert_imagenet_resnet({'state_dict': state_dict}, config)
+  variables = convert.convert_imagenet({'state_dict': state_dict}, config)
   backbone_shapes = {k: s for k, s in convert.variable_shapes(config).items()
                      if k[1] == 'backbone_net'}
   flat = flax.traverse_util.flatten_dict(variables)
@@ -161,7 +161,7 @@ def test_imagenet_resnet_conversion_fills_the_backbone():
 
   del state_dict['layer4.2.bn3.running_var']
   with pytest.raises(ValueError, match=r'missing keys: layer4\.2\.bn3\.running_var'):
-    convert.convert_imagenet_resnet(state_dict, config)
+    convert.convert_imagenet(state_dict, config)
 
 
 def test_cli_writes_an_orbax_checkpoint_equal_to_the_python_conversion(tmp_path):

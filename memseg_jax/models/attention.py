@@ -25,10 +25,12 @@ class SelfAttentionBlock(nn.Module):
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   def _cbr(self, features, name):
     return ConvBNAct(features, 1, act=self.act, train=self.train, axis_name=self.axis_name,
-                     bn_momentum=self.bn_momentum, bn_eps=self.bn_eps, dtype=self.dtype, name=name)
+                     bn_momentum=self.bn_momentum, bn_eps=self.bn_eps, dtype=self.dtype,
+                     conv_impl=self.conv_impl, name=name)
 
   @nn.compact
   def __call__(self, query_feats, key_feats, valid=None):

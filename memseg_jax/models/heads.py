@@ -89,11 +89,12 @@ class _Head(nn.Module):
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   def _cbr(self, features, kernel_size=1, dilation=1, name=None):
     return ConvBNAct(features, kernel_size, dilation=dilation, act=self.act, train=self.train,
                      axis_name=self.axis_name, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
-                     dtype=self.dtype, name=name)
+                     dtype=self.dtype, conv_impl=self.conv_impl, name=name)
 
 
 class ASPP(_Head):
@@ -166,13 +167,14 @@ class DecoderHead(_Head):
 
   @nn.compact
   def __call__(self, x):
-    x = conv(self.features, self.kernel_size, dtype=self.dtype, name='conv')(x)
+    x = conv(self.features, self.kernel_size, dtype=self.dtype, conv_impl=self.conv_impl,
+             name='conv')(x)
     x = BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
                   momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype, name='bn')(x)
     x = get_activation(self.act)(x)
     x = Dropout2d(self.dropout, deterministic=not self.train)(x)
     return conv(self.num_classes, 1, use_bias=True, in_features=self.features, dtype=self.dtype,
-                name='classifier')(x)
+                conv_impl=self.conv_impl, name='classifier')(x)
 
 
 class ClassifierHead(nn.Module):
@@ -181,10 +183,11 @@ class ClassifierHead(nn.Module):
   dropout: float = 0.1
   train: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     in_features = x.shape[-1]
     x = Dropout2d(self.dropout, deterministic=not self.train)(x)
     return conv(self.num_classes, 1, use_bias=True, in_features=in_features, dtype=self.dtype,
-                name='classifier')(x)
+                conv_impl=self.conv_impl, name='classifier')(x)

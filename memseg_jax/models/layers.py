@@ -228,18 +228,46 @@ _TAPS_MIN_DILATION = 6
 _TAP_WGRAD_MIN_CHANNELS = 128
 
 
+CONV_IMPLS = ('auto', 'native', 'taps')
+
+
+def resolve_conv_impl(impl: str, platform: Optional[str] = None) -> str:
+  """The convolution form for devices of `platform` ('cpu', 'tpu', 'gpu'/'cuda', ...).
+
+  `config.model.conv_impl` is 'auto' (by platform), 'native' (XLA's convolution) or 'taps' (the
+  CPU scheme of `conv2d`). 'auto' resolves here when the platform of the devices the step is
+  compiled for is known (the mesh's, which may differ from the process's default backend: a CPU
+  process can compile for a TPU); with `platform=None` it stays 'auto' and `conv2d` decides at
+  lowering time (`lax.platform_dependent`), which also follows the compile target.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'model.conv_impl: unknown value {impl!r} (expected one of {CONV_IMPLS})')
+  if impl != 'auto' or platform is None:
+    return impl
+  return 'taps' if platform == 'cpu' else 'native'
+
+
+def _cpu_conv(x, kernel, stride: int, dilation: int, padding: int):
+  """The CPU scheme (measurements above): taps, or native forward with tap weight gradients."""
+  if kernel.shape[0] > 1 and dilation < _TAPS_MIN_DILATION:
+    return _conv_mixed(x, kernel, stride, dilation, padding)
+  return _conv_taps(x, kernel, stride, dilation, padding)
+
+
 def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int = 0,
-           out_dtype=None, native: Optional[bool] = None):
+           out_dtype=None, impl: str = 'auto'):
   """torch Conv2d (symmetric zero padding, no bias) of NHWC `x` with an HWIO `kernel`.
 
-  On GPUs and TPUs (and with `native=True`) this is XLA's native convolution. On the CPU the
-  computation is chosen per layer (measurements at `_TAPS_MIN_DILATION`): 1x1 convolutions are
-  matmuls; strongly dilated ones are a sum over kernel taps of (pixels, Cin) x (Cin, Cout)
-  matmuls, each restricted to the outputs whose input tap lies inside the image, so taps that
-  only read the zero padding (most of them for the ASPP's dilations on small maps) cost
-  nothing; the others run XLA's convolution forward with a custom gradient whose weight part
-  is per-tap matmuls over B*H*W (XLA's convolution form of it is slow for small batches). All
-  forms give the padded convolution up to float32 summation order (relative 1e-6).
+  `impl` 'native' is XLA's native convolution (GPUs and TPUs). 'taps' is the CPU scheme, chosen
+  per layer (measurements at `_TAPS_MIN_DILATION`): 1x1 convolutions are matmuls; strongly
+  dilated ones are a sum over kernel taps of (pixels, Cin) x (Cin, Cout) matmuls, each
+  restricted to the outputs whose input tap lies inside the image, so taps that only read the
+  zero padding (most of them for the ASPP's dilations on small maps) cost nothing; the others
+  run XLA's convolution forward with a custom gradient whose weight part is per-tap matmuls
+  over B*H*W (XLA's convolution form of it is slow for small batches). 'auto' picks 'taps' when
+  lowering for the CPU and 'native' otherwise (`lax.platform_dependent`: the platform of the
+  compile target, not the process's default backend). All forms give the padded convolution up
+  to float32 summation order (relative 1e-6).
 
   Products accumulate in float32 whatever the input dtype (bfloat16 compute); the result has
   `out_dtype` (default: the input's dtype).
@@ -253,14 +281,16 @@ def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int = 0,
   if oh <= 0 or ow <= 0:
     raise ValueError(f'conv2d: input {h}x{w} too small for kernel {k}, dilation {dilation}, '
                      f'padding {padding}')
-  if native is None:
-    native = jax.default_backend() != 'cpu'
-  if native:
-    y = _native_conv(x, kernel, stride, dilation, padding)
-  elif k > 1 and dilation < _TAPS_MIN_DILATION:
-    y = _conv_mixed(x, kernel, stride, dilation, padding)
+  args = (stride, dilation, padding)
+  if impl == 'native':
+    y = _native_conv(x, kernel, *args)
+  elif impl == 'taps':
+    y = _cpu_conv(x, kernel, *args)
+  elif impl == 'auto':
+    y = lax.platform_dependent(x, kernel, cpu=lambda a, b: _cpu_conv(a, b, *args),
+                               default=lambda a, b: _native_conv(a, b, *args))
   else:
-    y = _conv_taps(x, kernel, stride, dilation, padding)
+    raise ValueError(f'conv2d: unknown impl {impl!r} (expected one of {CONV_IMPLS})')
   return y.astype(out_dtype or x.dtype)
 
 
@@ -279,6 +309,7 @@ class Conv(nn.Module):
   use_bias: bool = False
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
+  impl: str = 'auto'           # conv2d's form: 'auto', 'native' or 'taps' (resolve_conv_impl)
 
   @nn.compact
   def __call__(self, x):
@@ -286,7 +317,8 @@ class Conv(nn.Module):
     kernel = self.param('kernel', torch_conv_kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
-               dilation=self.dilation, padding=self.padding, out_dtype=jnp.float32)
+               dilation=self.dilation, padding=self.padding, out_dtype=jnp.float32,
+               impl=self.impl)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32)
       return y.astype(self.dtype)
@@ -299,7 +331,7 @@ class Conv(nn.Module):
 
 def conv(features: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1,
          padding: Optional[int] = None, use_bias: bool = False, in_features: Optional[int] = None,
-         dtype: Any = jnp.float32, name: Optional[str] = None) -> Conv:
+         dtype: Any = jnp.float32, conv_impl: str = 'auto', name: Optional[str] = None) -> Conv:
   """nn.Conv2d with PyTorch padding and initialisation. `padding=None` -> dilation*(k-1)//2.
 
   `in_features` is needed only with `use_bias` (the bias init bound depends on fan-in).
@@ -313,7 +345,7 @@ def conv(features: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1
   else:
     bias_init = nn.initializers.zeros
   return Conv(features, k, stride=stride, dilation=dilation, padding=p, use_bias=use_bias,
-              bias_init=bias_init, dtype=dtype, name=name)
+              bias_init=bias_init, dtype=dtype, impl=conv_impl, name=name)
 
 
 class ConvBNAct(nn.Module):
@@ -334,13 +366,14 @@ class ConvBNAct(nn.Module):
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, valid=None):
     if self.kernel_size > 1:
       x = mask_invalid(x, valid)
     x = conv(self.features, self.kernel_size, self.stride, self.dilation, self.padding,
-             dtype=self.dtype, name='conv')(x)
+             dtype=self.dtype, conv_impl=self.conv_impl, name='conv')(x)
     x = BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
                   momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype, name='bn')(x)
     return get_activation(self.act)(x)

@@ -2,7 +2,8 @@
 
 MCIBI forward (reference `ssseg/modules/models/segmentors/mcibi/mcibi.py`):
 
-    C4, C5 = backbone(images)
+    outputs = [backbone(images)[i] for i in selected_indices]   # ResNet: C2..C5
+    C5, C4 = outputs[-1], outputs[-2]
     feats_ms      = context_within_image_module(C5)       # ASPP or PPM
     memory_input  = bottleneck(C5)                         # F, the pixel representations
     preds_stage1  = decoder_stage1(F)                      # coarse logits
@@ -20,25 +21,35 @@ averages the memory across devices.
 Losses are computed outside (memseg_jax.losses); the model returns low-resolution logits.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
 from memseg_jax import ops
+from memseg_jax.models import backbones
 from memseg_jax.models import memory as memory_lib
 from memseg_jax.models.heads import ASPP, PPM, ClassifierHead, DecoderHead
 from memseg_jax.models.layers import ConvBNAct
-from memseg_jax.models.resnet import ResNet
+
+# config.model.backbone of the R-50-D8 (as `build_model` freezes it: sorted (key, value) pairs).
+DEFAULT_BACKBONE = (('contract_dilation', True), ('depth', 50), ('output_stride', 8),
+                    ('type', 'resnet'))
 
 
 class _Segmentor(nn.Module):
-  """Fields shared by MCIBI and DeepLabV3 (backbone, heads, normalisation, dtype)."""
+  """Fields shared by the segmentors (backbone, heads, normalisation, dtype).
+
+  `backbone` is `config.model.backbone` frozen into sorted (key, value) pairs (hashable, so
+  equal configs give equal modules and share compiled programs); its 'type' names the module
+  in `memseg_jax.models.backbones`. The segmentor reads the backbone outputs listed in
+  `selected_indices` (the reference's `transforminputs`): the head the last one, the auxiliary
+  head the one before it.
+  """
   num_classes: int = 150
-  backbone_depth: int = 50
-  output_stride: int = 8
-  contract_dilation: bool = True
+  backbone: Tuple[Tuple[str, Any], ...] = DEFAULT_BACKBONE
+  selected_indices: Tuple[int, ...] = (0, 1, 2, 3)
   head_type: str = 'aspp'
   feats_channels: int = 512
   dilations: Sequence[int] = (1, 12, 24, 36)
@@ -53,23 +64,44 @@ class _Segmentor(nn.Module):
   ignore_index: int = 255
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
+
+  # Whether the segmentor's own layers take `valid_hw` (the backbone says so for itself).
+  SUPPORTS_VALID_HW = True
+
+  @classmethod
+  def config_fields(cls, config) -> dict:
+    """The fields of this segmentor that only it reads from `config.model` (build_model)."""
+    del config
+    return {}
+
+  @classmethod
+  def logits_stride(cls, config) -> int:
+    """Stride of the logits: that of the backbone output the head reads (the last selected)."""
+    from memseg_jax.models import backbone_config, backbone_module  # pylint: disable=import-outside-toplevel
+    strides = backbone_module(config).output_strides(backbone_config(config))
+    return int(strides[tuple(config.model.backbone.selected_indices)[-1]])
 
   def _norm_kwargs(self, train):
     return dict(train=train, axis_name=self.axis_name, bn_momentum=self.bn_momentum,
-                bn_eps=self.bn_eps, dtype=self.dtype)
+                bn_eps=self.bn_eps, dtype=self.dtype, conv_impl=self.conv_impl)
 
-  def _backbone(self, images, train, valid_hw):
-    return ResNet(depth=self.backbone_depth, output_stride=self.output_stride,
-                  contract_dilation=self.contract_dilation, out_indices=(2, 3),
-                  name='backbone_net', **self._norm_kwargs(train))(images, valid_hw)
+  def _backbone(self, images, train, valid_hw) -> Tuple[List[Any], List[Any]]:
+    """(selected backbone outputs, their valid sizes (None when unpadded)), in selected order."""
+    cfg = dict(self.backbone)
+    module = backbones.get(cfg['type'])
+    outputs = module.build(cfg, name='backbone_net', **self._norm_kwargs(train))(
+        images, *(() if valid_hw is None else (self._check_valid(images, valid_hw),)))
+    strides = module.output_strides(cfg)
+    selected = [outputs[i] for i in self.selected_indices]
+    valids = [None if valid_hw is None else -(-valid_hw // strides[i])
+              for i in self.selected_indices]
+    return selected, valids
 
-  def _feature_valid(self, images, valid_hw):
-    """Valid sizes at the head's resolution (ceil(v / output_stride)); None when unpadded."""
-    if valid_hw is None:
-      return None
+  def _check_valid(self, images, valid_hw):
     if images.shape[0] != valid_hw.shape[0]:
       raise ValueError(f'valid_hw {valid_hw.shape} must be (B, 2) for images {images.shape}')
-    return -(-jnp.asarray(valid_hw, jnp.int32) // self.output_stride)
+    return jnp.asarray(valid_hw, jnp.int32)
 
   def _context_module(self, train, name):
     kwargs = dict(features=self.feats_channels, act=self.act, name=name,
@@ -81,12 +113,13 @@ class _Segmentor(nn.Module):
     raise ValueError(f"model.head.type: unknown context module {self.head_type!r} "
                      "(expected 'aspp' or 'ppm')")
 
-  def _auxiliary(self, c4, outputs, train):
+  def _auxiliary(self, features, outputs, train):
+    """The FCN auxiliary head on `features` (the selected output before the head's)."""
     # Built at init so the variables exist for eval-only checkpoints too.
     if self.aux_enabled and (train or self.is_initializing()):
       preds_aux = DecoderHead(num_classes=self.num_classes, features=self.aux_channels,
                               kernel_size=3, dropout=self.aux_dropout, act=self.act,
-                              name='auxiliary_decoder', **self._norm_kwargs(train))(c4)
+                              name='auxiliary_decoder', **self._norm_kwargs(train))(features)
       if train:
         outputs['preds_aux'] = preds_aux.astype(jnp.float32)
 
@@ -104,6 +137,21 @@ class MCIBI(_Segmentor):
   adjust_by_learning_rate: bool = True
   fused_update: bool = False
 
+  @classmethod
+  def config_fields(cls, config) -> dict:
+    mem = config.model.memory
+    return dict(
+        transform_channels=mem.transform_channels,
+        out_channels=mem.out_channels,
+        num_feats_per_cls=mem.num_feats_per_cls,
+        use_hard_aggregate=mem.use_hard_aggregate,
+        use_context_within_image=mem.use_context_within_image,
+        update_strategy=mem.update_strategy,
+        base_momentum=mem.base_momentum,
+        base_lr=mem.base_lr,
+        adjust_by_learning_rate=mem.adjust_by_learning_rate,
+        fused_update=mem.fused_update)
+
   @nn.compact
   def __call__(self, images, *, train: bool = False, labels=None, lr=None,
                memory_loss: bool = False, valid_hw=None):
@@ -119,8 +167,8 @@ class MCIBI(_Segmentor):
     if train and valid_hw is not None:
       raise ValueError('valid_hw is for evaluation only (train=False)')
     norm = self._norm_kwargs(train)
-    c4, c5 = self._backbone(images, train, valid_hw)
-    valid = self._feature_valid(images, valid_hw)
+    features, valids = self._backbone(images, train, valid_hw)
+    c5, valid = features[-1], valids[-1]
     feats_ms = None
     if self.use_context_within_image:
       feats_ms = self._context_module(train, 'context_within_image_module')(c5, valid)
@@ -141,7 +189,7 @@ class MCIBI(_Segmentor):
     preds_stage2 = decoder_stage2(memory_output)                           # (B, h, w, K)
 
     outputs = {'logits': preds_stage2.astype(jnp.float32)}
-    self._auxiliary(c4, outputs, train)
+    self._auxiliary(features[-2], outputs, train)
     if not train:
       return outputs
     outputs['preds_stage1'] = preds_stage1.astype(jnp.float32)
@@ -181,12 +229,12 @@ class DeepLabV3(_Segmentor):
     del labels, lr, memory_loss  # no memory in the baseline
     if train and valid_hw is not None:
       raise ValueError('valid_hw is for evaluation only (train=False)')
-    c4, c5 = self._backbone(images, train, valid_hw)
+    features, valids = self._backbone(images, train, valid_hw)
     if self.head_type != 'aspp':
       raise ValueError(f"model.head.type: DeepLabV3 uses ASPP, got {self.head_type!r}")
-    feats = self._context_module(train, 'aspp_net')(c5, self._feature_valid(images, valid_hw))
+    feats = self._context_module(train, 'aspp_net')(features[-1], valids[-1])
     logits = ClassifierHead(num_classes=self.num_classes, dropout=self.dropout, train=train,
-                            dtype=self.dtype, name='decoder')(feats)
+                            dtype=self.dtype, conv_impl=self.conv_impl, name='decoder')(feats)
     outputs = {'logits': logits.astype(jnp.float32)}
-    self._auxiliary(c4, outputs, train)
+    self._auxiliary(features[-2], outputs, train)
     return outputs

@@ -410,6 +410,7 @@ class FeaturesMemory(nn.Module):
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   def _memory_shape(self):
     return (self.num_classes, self.num_feats_per_cls, self.feats_channels)
@@ -418,12 +419,13 @@ class FeaturesMemory(nn.Module):
     return SelfAttentionBlock(transform_channels=self.transform_channels,
                               out_channels=self.feats_channels, act=self.act, train=self.train,
                               axis_name=self.axis_name, bn_momentum=self.bn_momentum,
-                              bn_eps=self.bn_eps, dtype=self.dtype, name=name)
+                              bn_eps=self.bn_eps, dtype=self.dtype, conv_impl=self.conv_impl,
+                              name=name)
 
   def _cbr(self, features, kernel_size, name):
     return ConvBNAct(features, kernel_size, act=self.act, train=self.train,
                      axis_name=self.axis_name, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
-                     dtype=self.dtype, name=name)
+                     dtype=self.dtype, conv_impl=self.conv_impl, name=name)
 
   @nn.compact
   def __call__(self, feats, preds, feats_ms=None, valid=None) -> Tuple[jnp.ndarray, jnp.ndarray]:

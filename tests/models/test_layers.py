@@ -135,14 +135,13 @@ def test_cpu_convolution_forms_equal_the_native_convolution(cin, k, stride, dila
   x = jnp.asarray(rng.normal(size=(2, *hw, cin)).astype(np.float32))
   kernel = jnp.asarray(rng.normal(size=(k, k, cin, 5)).astype(np.float32))
   kw = dict(stride=stride, dilation=dilation, padding=padding)
-  taps = layers.conv2d(x, kernel, native=False, **kw)
-  native = layers.conv2d(x, kernel, native=True, **kw)
+  taps = layers.conv2d(x, kernel, impl='taps', **kw)
+  native = layers.conv2d(x, kernel, impl='native', **kw)
   assert taps.shape == native.shape
   np.testing.assert_allclose(taps, native, rtol=1e-5, atol=1e-5)
   # Weight and input gradients too (they are what the training step uses).
-  loss = lambda native_: lambda xx, kk: jnp.sum(
-      layers.conv2d(xx, kk, native=native_, **kw) ** 2)
-  g_taps = jax.grad(loss(False), argnums=(0, 1))(x, kernel)
-  g_native = jax.grad(loss(True), argnums=(0, 1))(x, kernel)
+  loss = lambda impl: lambda xx, kk: jnp.sum(layers.conv2d(xx, kk, impl=impl, **kw) ** 2)
+  g_taps = jax.grad(loss('taps'), argnums=(0, 1))(x, kernel)
+  g_native = jax.grad(loss('native'), argnums=(0, 1))(x, kernel)
   for a, b in zip(g_taps, g_native):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)

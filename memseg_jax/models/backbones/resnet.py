@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from memseg_jax.models.layers import BatchNorm, conv, downsample_valid, mask_invalid
 
+SUPPORTS_VALID_HW = True
+
 # (block, blocks per stage) for each supported depth.
 ARCH_SETTINGS = {
     18: ('basic', (2, 2, 2, 2)),
@@ -43,6 +45,39 @@ def stage_channels(depth: int) -> Tuple[int, int, int, int]:
   return tuple(64 * 2 ** i * expansion for i in range(4))
 
 
+def check_config(cfg) -> None:
+  """Raises ValueError naming the `config.model.backbone` key this backbone cannot build."""
+  if cfg.get('depth') not in ARCH_SETTINGS:
+    raise ValueError(f"config.model.backbone.depth={cfg.get('depth')!r} is not one of "
+                     f"{', '.join(str(d) for d in ARCH_SETTINGS)}")
+  if cfg.get('output_stride') not in OUTPUT_STRIDE_SETTINGS:
+    raise ValueError(f"config.model.backbone.output_stride={cfg.get('output_stride')!r} is not "
+                     f"one of {', '.join(str(s) for s in OUTPUT_STRIDE_SETTINGS)}")
+
+
+def output_strides(cfg) -> Tuple[int, int, int, int]:
+  """Strides of layer1..layer4 (4, 8, 8, 8 at output stride 8)."""
+  strides, _ = OUTPUT_STRIDE_SETTINGS[cfg['output_stride']]
+  out, total = [], 4                                   # stem conv (2) and max-pool (2)
+  for s in strides:
+    total *= s
+    out.append(total)
+  return tuple(out)
+
+
+def build(cfg, **layer_kwargs) -> 'ResNet':
+  """The ResNet of `config.model.backbone` (type 'resnet': depth, output_stride, ...)."""
+  return ResNet(depth=cfg['depth'], output_stride=cfg['output_stride'],
+                contract_dilation=cfg.get('contract_dilation', True),
+                stem_channels=cfg.get('stem_channels', 64), **layer_kwargs)
+
+
+def imagenet_state_dict(state_dict):
+  """open-mmlab `resnet*_v1c`: everything but the ImageNet classifier `fc.*` is the backbone."""
+  kept = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
+  return kept, sorted(set(state_dict) - set(kept))
+
+
 def _batch_norm(module: nn.Module, name: str) -> BatchNorm:
   """A BatchNorm with `module`'s normalisation settings (train, axis_name, momentum, eps, dtype)."""
   return BatchNorm(use_running_average=not module.train, axis_name=module.axis_name,
@@ -61,14 +96,18 @@ class _Block(nn.Module):
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   def _bn(self, name):
     return _batch_norm(self, name)
 
+  def _conv(self, features, kernel_size, **kwargs):
+    return conv(features, kernel_size, dtype=self.dtype, conv_impl=self.conv_impl, **kwargs)
+
   def _shortcut(self, x, out_channels):
     if not self.downsample:
       return x
-    x = conv(out_channels, 1, stride=self.stride, dtype=self.dtype, name='downsample_0')(x)
+    x = self._conv(out_channels, 1, stride=self.stride, name='downsample_0')(x)
     return self._bn('downsample_1')(x)
 
 
@@ -77,12 +116,12 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x, valid=None):
-    out = conv(self.planes, 3, stride=self.stride, dilation=self.dilation, dtype=self.dtype,
-               name='conv1')(mask_invalid(x, valid))
+    out = self._conv(self.planes, 3, stride=self.stride, dilation=self.dilation,
+                     name='conv1')(mask_invalid(x, valid))
     out = nn.relu(self._bn('bn1')(out))
     out = mask_invalid(out, downsample_valid(valid, self.stride))
     # The reference BasicBlock never dilates its second conv (padding 1, dilation 1).
-    out = conv(self.planes, 3, dtype=self.dtype, name='conv2')(out)
+    out = self._conv(self.planes, 3, name='conv2')(out)
     out = self._bn('bn2')(out)
     return nn.relu(out + self._shortcut(x, self.planes))
 
@@ -92,13 +131,13 @@ class Bottleneck(_Block):
 
   @nn.compact
   def __call__(self, x, valid=None):
-    out = conv(self.planes, 1, dtype=self.dtype, name='conv1')(x)
+    out = self._conv(self.planes, 1, name='conv1')(x)
     out = nn.relu(self._bn('bn1')(out))
     out = mask_invalid(out, valid)
-    out = conv(self.planes, 3, stride=self.stride, dilation=self.dilation, dtype=self.dtype,
-               name='conv2')(out)
+    out = self._conv(self.planes, 3, stride=self.stride, dilation=self.dilation,
+                     name='conv2')(out)
     out = nn.relu(self._bn('bn2')(out))
-    out = conv(self.planes * 4, 1, dtype=self.dtype, name='conv3')(out)
+    out = self._conv(self.planes * 4, 1, name='conv3')(out)
     out = self._bn('bn3')(out)
     return nn.relu(out + self._shortcut(x, self.planes * 4))
 
@@ -106,24 +145,28 @@ class Bottleneck(_Block):
 class ResNet(nn.Module):
   """ResNet-v1c. Returns the outputs of the stages listed in `out_indices` (0 = layer1).
 
-  With the default (2, 3) the outputs are C4 (auxiliary head) and C5 (the segmentation head),
-  each (B, ceil(H/os), ceil(W/os), C). With `valid` (B, 2), the true sizes of zero-padded
-  images, the valid region of each output equals the unpadded computation (layers.py); the
-  padded region holds unspecified values.
+  With the default (0, 1, 2, 3) the outputs are C2..C5; MCIBI's head reads C5 and its auxiliary
+  head C4, each (B, ceil(H/os), ceil(W/os), C) (`output_strides`). With `valid` (B, 2), the
+  true sizes of zero-padded images, the valid region of each output equals the unpadded
+  computation (layers.py); the padded region holds unspecified values.
   """
   depth: int = 50
   output_stride: int = 8
   contract_dilation: bool = True
-  out_indices: Sequence[int] = (2, 3)
+  out_indices: Sequence[int] = (0, 1, 2, 3)
   stem_channels: int = 64
   train: bool = False
   axis_name: Optional[str] = None
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   def _bn(self, name):
     return _batch_norm(self, name)
+
+  def _conv(self, features, kernel_size, **kwargs):
+    return conv(features, kernel_size, dtype=self.dtype, conv_impl=self.conv_impl, **kwargs)
 
   @nn.compact
   def __call__(self, x, valid=None):  # x: (B, H, W, 3); valid: None or (B, 2) int
@@ -140,12 +183,12 @@ class ResNet(nn.Module):
 
     # Deep stem: the reference Sequential is (conv, BN, ReLU) x 3, indices 0/1, 3/4, 6/7.
     half = self.stem_channels // 2
-    x = conv(half, 3, stride=2, dtype=self.dtype, name='stem_0')(mask_invalid(x, valid))
+    x = self._conv(half, 3, stride=2, name='stem_0')(mask_invalid(x, valid))
     valid = downsample_valid(valid, 2)
     x = nn.relu(self._bn('stem_1')(x))
-    x = conv(half, 3, dtype=self.dtype, name='stem_3')(mask_invalid(x, valid))
+    x = self._conv(half, 3, name='stem_3')(mask_invalid(x, valid))
     x = nn.relu(self._bn('stem_4')(x))
-    x = conv(self.stem_channels, 3, dtype=self.dtype, name='stem_6')(mask_invalid(x, valid))
+    x = self._conv(self.stem_channels, 3, name='stem_6')(mask_invalid(x, valid))
     x = nn.relu(self._bn('stem_7')(x))
     # flax's max_pool pads with -inf, like PyTorch's MaxPool2d(3, 2, padding=1). Masked zeros
     # change nothing: every window holds a valid post-ReLU value >= 0.
@@ -164,7 +207,8 @@ class ResNet(nn.Module):
         downsample = j == 0 and (stride != 1 or in_channels != planes * expansion)
         x = block_cls(planes, stride=stride, dilation=block_dilations[j], downsample=downsample,
                       train=self.train, axis_name=self.axis_name, bn_momentum=self.bn_momentum,
-                      bn_eps=self.bn_eps, dtype=self.dtype, name=f'layer{i + 1}_{j}')(x, valid)
+                      bn_eps=self.bn_eps, dtype=self.dtype, conv_impl=self.conv_impl,
+                      name=f'layer{i + 1}_{j}')(x, valid)
         valid = downsample_valid(valid, stride)
       in_channels = planes * expansion
       if i in self.out_indices:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from memseg_jax import convert
-from memseg_jax.models import layers, resnet
+from memseg_jax.models import layers
+from memseg_jax.models.backbones import resnet
 
 
 def _conv_out(n, stride=2):
@@ -123,7 +124,7 @@ def test_backbone_matches_reference_resnet(depth, output_stride, size):
   config.model.backbone.output_stride = output_stride
   state_dict = {k: v for k, v in ref.state_dict().items()}
   state_dict['fc.weight'] = torch.zeros(1000, 2048)   # ImageNet classifier: dropped
-  variables = convert.convert_imagenet_resnet({'state_dict': state_dict}, config)
+  variables = convert.convert_imagenet({'state_dict': state_dict}, config)
   model = resnet.ResNet(depth=depth, output_stride=output_stride, out_indices=(0, 1, 2, 3))
   ours = model.apply({'params': variables['params']['backbone_net'],
                       'batch_stats': variables['batch_stats']['backbone_net']},
