@@ -64,8 +64,14 @@ _STRUCTURE_TYPES = {18: 'resnet18conv3x3stem', 50: 'resnet50conv3x3stem',
 
 def reference_cfg(*, model='mcibi', num_classes=150, depth=50, head_type='aspp', dropout=0.1,
                   aux_dropout=0.1, act='relu', strategy='cosine_similarity', base_lr=0.01,
-                  num_feats_per_cls=1, use_loss=True):
-  """The reference's segmentor cfg dict (ignore label -100, as in ssseg 1.7.0)."""
+                  num_feats_per_cls=1, use_loss=True, backbone=None, head=None,
+                  auxiliary='default'):
+  """The reference's segmentor cfg dict (ignore label -100, as in ssseg 1.7.0).
+
+  `backbone` (a dict) replaces the ResNet backbone cfg, `head` (a dict) updates the head cfg
+  (e.g. `in_channels` of another backbone), `auxiliary` replaces the FCN auxiliary cfg (None:
+  no auxiliary head, and no `loss_aux`).
+  """
   c5, c4 = (512, 256) if depth == 18 else (2048, 1024)
   act_cfg = ({'type': 'ReLU', 'inplace': True} if act == 'relu'
              else {'type': 'LeakyReLU', 'negative_slope': 0.01, 'inplace': True})
@@ -111,13 +117,26 @@ def reference_cfg(*, model='mcibi', num_classes=150, depth=50, head_type='aspp',
                  'dropout': dropout},
         'losses': {'loss_aux': ce(0.4), 'loss_cls': ce(1.0)},
     })
+  if backbone is not None:
+    cfg['backbone'] = copy.deepcopy(backbone)
+  if head is not None:
+    cfg['head'].update(copy.deepcopy(head))
+  if auxiliary is None:
+    cfg['auxiliary'] = None
+    cfg['losses'].pop('loss_aux')
+  elif auxiliary != 'default':
+    cfg['auxiliary'] = copy.deepcopy(auxiliary)
   return cfg
 
 
 def project_config(*, model='mcibi', num_classes=150, depth=50, head_type='aspp', dropout=0.1,
                    aux_dropout=0.1, act='relu', strategy='cosine_similarity', base_lr=0.01,
-                   num_feats_per_cls=1, use_loss=True):
-  """configs/default.py with the same choices as `reference_cfg`."""
+                   num_feats_per_cls=1, use_loss=True, overrides=None):
+  """configs/default.py with the same choices as `reference_cfg`.
+
+  `overrides` {'model.backbone.type': 'hrnet', ...}: dotted config keys set last (keys that
+  default.py lacks are added, e.g. a backbone's own fields).
+  """
   spec = importlib.util.spec_from_file_location(
       'memseg_default_config', os.path.join(REPO_ROOT, 'configs', 'default.py'))
   module = importlib.util.module_from_spec(spec)
@@ -135,6 +154,12 @@ def project_config(*, model='mcibi', num_classes=150, depth=50, head_type='aspp'
   m.memory.base_lr = base_lr
   m.memory.num_feats_per_cls = num_feats_per_cls
   m.memory.use_loss = use_loss
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split('.')
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
   return config
 
 
