@@ -32,16 +32,16 @@ LR = 1e-3
 # result. After one step from scratch the parameter gradients are small remainders of sums that
 # nearly cancel (BatchNorm's backward subtracts the batch means of the incoming gradient, and a
 # weight gradient sums the result over every pixel), so that rounding reaches ~1% of the step's
-# update in some variables (measured: 0.5% of the params' whole update, 15% of one kernel's
-# own update; the statistics and the memory agree to 1e-6). Judged against its own size, a
-# variable that barely moves can thus fail on any input or CPU (a BatchNorm bias once did). So
-# each variable's difference (its L2 norm) is bounded by a fraction of the L2 norm of its
-# whole group's update (params, batch_stats, memory; the update being final - initial state of
-# the 1-process run). A real error in the step moves a sizeable part of the update: the test
-# trains once with the gradients and statistics divided by 3 instead of averaged over 4 devices
-# (12% of the params' update in one variable), and once with one device fed its neighbour's rows
-# (69%), and both must fail the same bound. One step, and a small lr, keep rounding from
-# compounding (it grows ~100x per step here).
+# update in some variables (measured: one kernel's difference is 0.5% of the params' whole
+# update and 15% of its own; the statistics and the memory agree to 1e-6). Judged against its
+# own size, a variable that barely moves can thus fail on any input or CPU (a BatchNorm bias
+# once did). So each variable's difference (its L2 norm) is bounded by a fraction of the L2
+# norm of its whole group's update (params, batch_stats, memory; the update being final -
+# initial state of the 1-process run). A real error in the step moves a sizeable part of the
+# update: the test trains once with the gradients and statistics divided by 3 instead of
+# averaged over 4 devices (12% of the params' update in one variable), and once with one device
+# fed its neighbour's rows (69%), and both must fail the same bound. One step, and a small lr,
+# keep rounding from compounding (it grows ~100x per step here).
 REL_TOL = 3e-2
 GROUPS = ('params', 'batch_stats', 'memory')
 
@@ -145,8 +145,9 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, data_dir):
   assert sorted(init.files) == sorted(k for k in single.files if k != 'step')
   rel = relative_differences(p0, single, init)
   worst = max(rel, key=rel.get)
+  margin = REL_TOL / max(rel[worst], 1e-30)
   print(f'largest difference 2 vs 1 process, relative to its group\'s update (L2 norms): '
-        f'{rel[worst]:.2e} ({worst}); bound {REL_TOL:.0e}, margin {REL_TOL / max(rel[worst], 1e-30):.0f}x')
+        f'{rel[worst]:.2e} ({worst}); bound {REL_TOL:.0e}, margin {margin:.1f}x')
   assert rel[worst] <= REL_TOL, (worst, rel[worst])
   # A real error in the step fails the same comparison against the 2-process state.
   for mutation in ('rows', 'mean3'):
@@ -154,7 +155,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, data_dir):
     rel = relative_differences(wrong, p0, init)
     worst = max(rel, key=rel.get)
     print(f'with the error {mutation!r}: {rel[worst]:.2e} ({worst}), '
-          f'{rel[worst] / REL_TOL:.0f}x the bound')
+          f'{rel[worst] / REL_TOL:.1f}x the bound')
     assert rel[worst] > REL_TOL, (mutation, worst, rel[worst])
 
   # Only process 0 wrote the config and the summaries.

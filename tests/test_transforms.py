@@ -207,8 +207,8 @@ def test_an_opencv_with_another_rounding_fails_with_its_version(monkeypatch):
   changed = T.cv2_hsv2rgb(hsv, block=1).numpy()
   ours = T.cv2_hsv2rgb(hsv).numpy()
   monkeypatch.setattr(cv2, '__version__', '5.2.0')
-  with pytest.raises(pytest.fail.Exception,
-                     match=r'OpenCV 5\.2\.0: .* no bound was measured for 5\.2\.0 .* no longer holds'):
+  message = r'OpenCV 5\.2\.0: .* no bound was measured for 5\.2\.0 .* no longer holds'
+  with pytest.raises(pytest.fail.Exception, match=message):
     check_hsv_bound('hsv2rgb', float(np.abs(ours - changed).max()),
                     float((ours != changed).any(-1).mean()))
   # Within the newest measured bound (5.1's: exact) an unlisted version passes.
