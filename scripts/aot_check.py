@@ -490,8 +490,11 @@ def set_environment():
   """Environment for compile-only TPU and GPU devices in a CPU process (before importing jax)."""
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   # libtpu otherwise asks the (absent) TPU VM metadata server about the slice.
+  # ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu otherwise holds a machine-wide lock file, and a second
+  # process (another aot_check, a test) fails to start.
   for k, v in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_ACCELERATOR_TYPE', 'v5litepod-8'),
-               ('TPU_WORKER_ID', '0'), ('TPU_WORKER_HOSTNAMES', 'localhost')):
+               ('TPU_WORKER_ID', '0'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
+               ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
     os.environ.setdefault(k, v)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

@@ -321,12 +321,12 @@ class Conv(nn.Module):
                impl=self.impl)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32)
-      return y.astype(self.dtype)
-    # Every bias-free convolution of the models feeds a BatchNorm, which works in float32: the
-    # float32 accumulations go to it unrounded. (Under bfloat16, rounding the pre-normalisation
-    # values would cost precision relative to their batch mean, which the BN subtracts; the
-    # error would then be amplified by mean / std.) With float32 compute nothing changes.
-    return y
+    # The float32 accumulation is rounded to the compute dtype, also for the bias-free
+    # convolutions that feed a BatchNorm (which takes its statistics in float32, as flax's
+    # BatchNorm(dtype=bfloat16) does): the pre-normalisation activations the backward pass
+    # keeps are then bfloat16 under bfloat16 compute. Kept in float32 they held the train step's
+    # memory peak up (scripts/peak_buffers.py); float32 compute is unchanged.
+    return y.astype(self.dtype)
 
 
 def conv(features: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1,
