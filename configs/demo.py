@@ -9,6 +9,12 @@ joins at epoch 2), checkpoints, and evaluates on the validation split. On 2 CPU 
 about 5-10 minutes and ends with a final loss around 1 and a validation mIoU well above chance
 (about 0.4-0.6; chance is about 0.07). Run it again to see it resume (nothing left to train,
 so it only re-evaluates).
+
+On a GPU or TPU, bfloat16 compute (parameters, BatchNorm statistics and the memory stay
+float32; `scripts/compare_bf16.py` compares the two on this demo):
+
+    python -m memseg_jax.main --config=configs/demo.py --workdir=/tmp/memseg_demo_bf16 \
+        --config.model.dtype=bfloat16
 """
 
 from memseg_jax.config_validation import load_sibling_config
