@@ -4,6 +4,7 @@
         --dtypes=bfloat16 --dump_to=/tmp/dump --no_cache
     python scripts/peak_buffers.py /tmp/dump                 # the largest module in the dump
     python scripts/peak_buffers.py /tmp/dump --module=jit_step_fn --top=25
+    python scripts/peak_buffers.py --saved_residuals=configs/ade20k.py --per_device_batch=4
 
 XLA writes, per compiled module, the buffer assignment (`*-buffer-assignment.txt`: every value
 with its allocation, offset and size) and the live ranges (`*-live-range.txt`: the first and
@@ -138,13 +139,77 @@ def find_modules(dump_dir):
   return [f[:-len('-buffer-assignment.txt')] for f in files]
 
 
+def saved_residuals(config_path: str, per_device_batch: int, dtype: str, top: int = 15):
+  """What the backward pass of the train forward + losses keeps, summed by dtype and source.
+
+  JAX's own account (`saved_residuals`) of the tensors autodiff saves between the forward and
+  the backward pass, for one device's share of the batch: no compile needed, so it runs in a
+  minute where a TPU compile takes many. These tensors are what is live at the start of the
+  backward pass, which is where the train step's memory peaks.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax._src.ad_checkpoint import saved_residuals as jax_saved_residuals  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from memseg_jax import losses  # pylint: disable=import-outside-toplevel
+  from memseg_jax.config_validation import load_config  # pylint: disable=import-outside-toplevel
+  from memseg_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  config = load_config(config_path)
+  config.model.dtype = dtype
+  model = build_model(config, platform='tpu')
+  h, w = config.data.crop_size
+  images = jnp.zeros((per_device_batch, h, w, 3), jnp.float32)
+  labels = jnp.zeros((per_device_batch, h, w), jnp.int32)
+  variables = jax.tree_util.tree_map(
+      lambda s: jnp.zeros(s.shape, s.dtype),
+      jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images[:1])))
+
+  def loss(params):
+    outputs, _ = model.apply({**variables, 'params': params}, images, train=True, labels=labels,
+                             lr=0.01, memory_loss=True, mutable=['batch_stats', 'memory'],
+                             rngs={'dropout': jax.random.PRNGKey(0)})
+    return losses.compute_losses(outputs, labels, config)['loss_total']
+
+  found = jax_saved_residuals(loss, variables['params'])
+  gib = float(1 << 30)
+  rows = []
+  for aval, what in found:
+    if 'from the argument' in what:        # the parameters themselves, not activations
+      continue
+    rows.append((aval.size * aval.dtype.itemsize, str(aval.dtype), aval.str_short(), what))
+  rows.sort(reverse=True)
+  by_dtype = collections.Counter()
+  by_source = collections.Counter()
+  for size, dt, _, what in rows:
+    by_dtype[dt] += size
+    m = re.search(r'\((\w+(?:\.\w+)?)\)$', what)
+    by_source[(dt, m.group(1) if m else what[:40])] += size
+  total = sum(r[0] for r in rows)
+  print(f'{config_path} {dtype}, {per_device_batch} images per device: {len(rows)} saved '
+        f'activations, {total / gib:.2f} GiB')
+  print('by dtype: ' + ', '.join(f'{k} {v / gib:.2f} GiB' for k, v in by_dtype.most_common()))
+  print('by dtype and source:')
+  for (dt, src), size in by_source.most_common(top):
+    print(f'  {size / gib:7.3f} GiB  {dt:9s} {src}')
+  print('largest:')
+  for size, dt, shape, what in rows[:top]:
+    print(f'  {size / gib:7.3f} GiB  {shape:28s} {what[:90]}')
+  return total, by_dtype
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('dump_dir')
+  p.add_argument('--saved_residuals', default='', help='a config file: list what autodiff '
+                 'keeps for the backward pass instead of reading a dump (no compile)')
+  p.add_argument('--per_device_batch', type=int, default=4)
+  p.add_argument('--dtype', default='bfloat16')
+  p.add_argument('dump_dir', nargs='?')
   p.add_argument('--module', default='', help='substring of the module name (default: the '
                  'module with the largest buffer assignment)')
   p.add_argument('--top', type=int, default=20)
   args = p.parse_args(argv)
+  if args.saved_residuals:
+    return saved_residuals(args.saved_residuals, args.per_device_batch, args.dtype, args.top)
   prefixes = find_modules(args.dump_dir)
   if args.module:
     prefixes = [x for x in prefixes if args.module in os.path.basename(x)]

@@ -85,3 +85,16 @@ def test_bfloat16_backward_keeps_no_float32_activation():
   residuals = [r for r in jax.tree_util.tree_leaves(vjp) if hasattr(r, 'shape')]
   big = [(r.dtype, r.shape) for r in residuals if np.prod(r.shape) >= 2 * 12 * 12 * 8]
   assert big and all(dtype != jnp.float32 for dtype, _ in big), big
+
+
+def test_softmax_to_gradient_equals_autodiff_and_keeps_only_its_output():
+  from memseg_jax.models import attention  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(3, 5, 9)) * 2, jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 5, 9)), jnp.float32)
+  ours = jax.grad(lambda x: jnp.sum(attention.softmax_to(x, jnp.float32) * w))(x)
+  ref = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=-1) * w))(x)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-7)
+  _, vjp = jax.vjp(lambda x: attention.softmax_to(x, jnp.bfloat16), x)
+  kept = [r.dtype for r in jax.tree_util.tree_leaves(vjp) if getattr(r, 'ndim', 0) == 3]
+  assert kept == [jnp.bfloat16], kept
