@@ -23,6 +23,10 @@ float32):
         --config.data.data_dir=/data/tfds \
         --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
         --config.model.dtype=bfloat16
+
+Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
+`python scripts/aot_check.py --configs=ade20k`: whether the documented batch fits each slice;
+add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
 """
 
 from memseg_jax.config_validation import load_sibling_config
