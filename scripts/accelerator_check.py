@@ -128,8 +128,9 @@ state = train.replicate(train.create_train_state(config, jax.random.PRNGKey(0), 
 step = train.make_train_step(config, model, tx, lr, mesh, memory_loss=True)
 h, w = config.data.crop_size
 rng = np.random.default_rng(0)
-batch = train.shard_batch({'image': rng.normal(size=(config.train.batch_size, h, w, 3)).astype(np.float32),
-                           'label': rng.integers(0, 8, (config.train.batch_size, h, w)).astype(np.int32)}, mesh)
+b = config.train.batch_size
+batch = train.shard_batch({'image': rng.normal(size=(b, h, w, 3)).astype(np.float32),
+                           'label': rng.integers(0, 8, (b, h, w)).astype(np.int32)}, mesh)
 compiled = step.lower(state, batch).compile()
 cost = compiled.cost_analysis()
 cost = cost[0] if isinstance(cost, list) else cost
@@ -140,8 +141,8 @@ for i in range(int(sys.argv[2])):
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times.append(time.perf_counter() - t)
-print(json.dumps({'device_kind': devices[0].device_kind, 'devices': n, 'per_device_batch': per_device,
-                  'flops_per_device': flops, 'times': times}))
+print(json.dumps({'device_kind': devices[0].device_kind, 'devices': n,
+                  'per_device_batch': per_device, 'flops_per_device': flops, 'times': times}))
 '''
 
 
