@@ -198,10 +198,12 @@ def main(argv=None) -> int:
   p.add_argument('--workdir', default='/tmp/memseg_accelerator_check')
   p.add_argument('--pieces', default=','.join(PIECES))
   p.add_argument('--per_device_batch', type=int, default=8)
-  p.add_argument('--timeout', type=int, default=900, help='seconds per piece')
+  p.add_argument('--timeout', type=int, default=0,
+                 help='seconds per piece (default 900 on a chip, 1800 on a CPU)')
   args = p.parse_args(argv)
   if args.platform == 'cpu':
     args.per_device_batch = 1
+  args.timeout = args.timeout or (1800 if args.platform == 'cpu' else 900)
   os.makedirs(args.workdir, exist_ok=True)
   env = _platform_env(args.platform)
   report = {'platform': args.platform, 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
