@@ -147,7 +147,7 @@ def batch_norm_train(x, scale, bias, axis_name, epsilon, dtype):
 
   The same normalisation as `BatchNorm` (float32 statistics, two-pass variance, SyncBN across
   `axis_name` when it is set), with a hand-written gradient whose only per-element residual is
-  x itself. Autodiff of the plain form keeps float32 copies of x - mean (two of them), which
+  x rounded to `dtype`. Autodiff of the plain form keeps float32 copies of x - mean (two of them), which
   under bfloat16 compute are 4x the bytes of x and, over the 50+ BatchNorms of a ResNet, most
   of the train step's activation memory. The gradient is the usual one (cross-device sums of
   dy and dy * x_hat, as SyncBN's backward): dx = scale / std * (dy - mean(dy)
@@ -162,7 +162,10 @@ def _bn_train_fwd_impl(x, scale, bias, axis_name, epsilon, dtype):
   mean, var, count = _bn_statistics(x, axis_name)
   rstd = lax.rsqrt(var + epsilon)
   y = (x.astype(jnp.float32) - mean) * (scale * rstd) + bias
-  return y.astype(dtype), (mean, var, count), (x, mean, rstd, scale)
+  # The backward pass keeps x in the compute dtype (the forward used it unrounded); the empty
+  # array only carries x's own dtype for the gradient.
+  return (y.astype(dtype), (mean, var, count),
+          (x.astype(dtype), mean, rstd, scale, jnp.zeros((0,), x.dtype)))
 
 
 def _bn_train_fwd(x, scale, bias, axis_name, epsilon, dtype):
@@ -172,7 +175,7 @@ def _bn_train_fwd(x, scale, bias, axis_name, epsilon, dtype):
 
 def _bn_train_bwd(axis_name, epsilon, dtype, residuals, cotangents):
   del epsilon, dtype
-  x, mean, rstd, scale = residuals
+  x, mean, rstd, scale, x_dtype = residuals
   dy = cotangents[0].astype(jnp.float32)
   axes = tuple(range(x.ndim - 1))
   x_hat = (x.astype(jnp.float32) - mean) * rstd
@@ -188,7 +191,7 @@ def _bn_train_bwd(axis_name, epsilon, dtype, residuals, cotangents):
     count = count * lax.psum(1, axis_name)
   dx = (scale * rstd) * (dy - total_dy / count - x_hat * (total_dy_xhat / count))
   # Parameter gradients are this device's part (the train step averages them over devices).
-  return dx.astype(x.dtype), sum_dy_xhat, sum_dy
+  return dx.astype(x_dtype.dtype), sum_dy_xhat, sum_dy
 
 
 batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
@@ -401,12 +404,13 @@ class Conv(nn.Module):
                impl=self.impl)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32)
-    # The float32 accumulation is rounded to the compute dtype, also for the bias-free
-    # convolutions that feed a BatchNorm (which takes its statistics in float32, as flax's
-    # BatchNorm(dtype=bfloat16) does): the pre-normalisation activations the backward pass
-    # keeps are then bfloat16 under bfloat16 compute. Kept in float32 they held the train step's
-    # memory peak up (scripts/peak_buffers.py); float32 compute is unchanged.
-    return y.astype(self.dtype)
+      return y.astype(self.dtype)
+    # Every bias-free convolution of the models feeds a BatchNorm, which works in float32: the
+    # float32 accumulations go to it unrounded. (Under bfloat16, rounding the pre-normalisation
+    # values would cost precision relative to their batch mean, which the BN subtracts; the
+    # error would then be amplified by mean / std.) In training the BN keeps only a copy in the
+    # compute dtype for its gradient (`batch_norm_train`), so the float32 output is transient.
+    return y
 
 
 def conv(features: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1,
