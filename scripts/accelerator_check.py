@@ -154,7 +154,12 @@ def piece_step_time(args, env):
   if rc != 0:
     result['tail'] = out[-1500:]
     return result
-  measured = json.loads(out.strip().splitlines()[-1])
+  # The JSON line of the child (its log lines on stderr come after it in `out`).
+  line = next((l for l in reversed(out.splitlines()) if l.startswith('{"device_kind"')), None)
+  if line is None:
+    result['tail'] = out[-1500:]
+    return result
+  measured = json.loads(line)
   times = sorted(measured.pop('times')[1:] or [float('nan')])
   result.update(measured, ok=True, step_seconds_median=times[len(times) // 2])
   flops = measured['flops_per_device']
