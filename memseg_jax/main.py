@@ -96,6 +96,28 @@ def run(config, workdir: str, mode: str = 'train'):
   return train.train_and_evaluate(config, workdir)
 
 
+def out_of_memory_message(config, error: BaseException, mode: str = 'train') -> str:
+  """The one-line message for a RESOURCE_EXHAUSTED `error` (memseg_jax.resources)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from memseg_jax import resources  # pylint: disable=import-outside-toplevel
+  needed, available = resources.parse_out_of_memory(str(error))
+  if available is None:
+    try:
+      available = jax.local_devices()[0].memory_stats().get('bytes_limit')
+    except Exception:  # pylint: disable=broad-except
+      available = None
+  batch = config.train.batch_size if mode == 'train' else config.eval.batch_size
+  per_device = max(int(batch) // max(jax.device_count(), 1), 1)
+  try:
+    name = config_flags.get_config_filename(flags.FLAGS['config'])
+  except Exception:  # pylint: disable=broad-except
+    name = f'the {config.data.name} config'
+  return resources.out_of_memory_message(
+      name, per_device, needed, available, dtype=config.model.dtype,
+      has_remat='remat' in config.model,
+      what='the train step' if mode == 'train' else 'the evaluation')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -116,10 +138,17 @@ def main(argv):
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING
       or '/orbax/' not in record.pathname)
   enable_compilation_cache()
+  from memseg_jax import resources  # pylint: disable=import-outside-toplevel
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except _user_errors() as e:
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    if not resources.is_resource_exhausted(e):
+      raise
+    # Device memory: what does not fit, by how much, and what to change (no traceback).
+    print(f'error: {out_of_memory_message(_CONFIG.value, e, _MODE.value)}', file=sys.stderr)
     sys.exit(1)
 
 

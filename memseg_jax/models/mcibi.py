@@ -135,7 +135,7 @@ class MCIBI(_Segmentor):
   base_momentum: float = 0.9
   base_lr: float = 0.01
   adjust_by_learning_rate: bool = True
-  fused_update: bool = False
+  fused_update: bool = True
 
   @classmethod
   def config_fields(cls, config) -> dict:
