@@ -216,11 +216,11 @@ def gfile():
 
 
 # ----------------------------------------------------------------------------- train checkpoints
-def check_writable(workdir: str) -> str:
+def check_writable(workdir: str, what: str = 'workdir') -> str:
   """Creates `workdir` if needed and writes (then removes) a file in it; returns its absolute path.
 
-  Raises WorkdirError naming the folder when it cannot be written (read-only, no permission,
-  a file in the way, disk full), so a run fails before anything is compiled.
+  Raises WorkdirError naming the folder (as `what`) when it cannot be written (read-only, no
+  permission, a file in the way, disk full), so a run fails before anything is compiled.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   workdir = absolute_path(workdir)
@@ -232,8 +232,7 @@ def check_writable(workdir: str) -> str:
     gfile().remove(probe)
   except (OSError, tf.errors.OpError) as e:
     reason = getattr(e, 'message', None) or getattr(e, 'strerror', None) or str(e)
-    raise WorkdirError(f'workdir {workdir} cannot be written ({errors.one_line(reason)}); '
-                       'give a --workdir you can write to') from None
+    raise WorkdirError(f'{what} {workdir} cannot be written ({errors.one_line(reason)})') from None
   return workdir
 
 

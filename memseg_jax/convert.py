@@ -282,19 +282,25 @@ def restore_variables(path: str, target: Any = None) -> Dict[str, Any]:
     checkpointer.close()     # no orbax thread outlives the call, also when it fails
 
 
+def convert_file(torch_checkpoint: str, config, output: str, *, imagenet: bool = False,
+                 overwrite: bool = False) -> Tuple[str, Dict[str, Any]]:
+  """What `python -m memseg_jax.convert` does: (output path, variables); errors name the file."""
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not overwrite:
+    raise ConversionError(f'--output={output} already exists (pass --overwrite to replace it)')
+  if imagenet:
+    variables = load_imagenet_checkpoint(torch_checkpoint, config)
+  else:
+    variables = load_ssseg_checkpoint(torch_checkpoint, config)
+  return save_variables(output, variables, overwrite=overwrite), variables
+
+
 def main(argv):
   """The program (through `errors.run_program`: bad input ends it with one `error:` line)."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  config = _CONFIG.value
-  output = os.path.abspath(_OUTPUT.value)
-  if os.path.exists(output) and not _OVERWRITE.value:
-    raise ConversionError(f'--output={output} already exists (pass --overwrite to replace it)')
-  if _IMAGENET.value:
-    variables = load_imagenet_checkpoint(_TORCH_CHECKPOINT.value, config)
-  else:
-    variables = load_ssseg_checkpoint(_TORCH_CHECKPOINT.value, config)
-  path = save_variables(output, variables, overwrite=_OVERWRITE.value)
+  path, variables = convert_file(_TORCH_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value,
+                                 imagenet=_IMAGENET.value, overwrite=_OVERWRITE.value)
   count = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables))
   print(f'wrote {count:,} values ({", ".join(sorted(variables))}) to {path}')
 

@@ -182,20 +182,23 @@ def run_program(main: Callable) -> None:
   app.run(guarded(main), flags_parser=parse_flags)
 
 
-def quiet_orbax_logs() -> None:
+def quiet_orbax_logs():
   """Keeps orbax out of a program's log: no INFO lines, and its warnings/errors without traceback.
 
   orbax reports every checkpoint write at INFO, and a failed background write as ERROR records
-  with tracebacks; the program reports the failure itself in one line.
+  with tracebacks; the program reports the failure itself in one line. The filter sits on the
+  'absl' logger (orbax logs through absl), whatever handler prints; it is returned, so that
+  `logging.getLogger('absl').removeFilter(it)` undoes this.
   """
-  from absl import logging  # pylint: disable=import-outside-toplevel
+  import logging  # pylint: disable=import-outside-toplevel
 
   def keep(record) -> bool:
     if '/orbax/' not in record.pathname:
       return True
-    if record.levelno < logging.converter.STANDARD_WARNING:
+    if record.levelno < logging.WARNING:
       return False
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     record.msg, record.args = record.getMessage().split('\n')[0], ()
     return True
-  logging.get_absl_handler().addFilter(keep)
+  logging.getLogger('absl').addFilter(keep)
+  return keep

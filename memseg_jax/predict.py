@@ -130,19 +130,29 @@ def predict_images(config, variables, paths: Sequence[str], output_dir: str,
   return outputs
 
 
+def run(config, checkpoint_path: str, input_pattern: str, output_dir: str,
+        progress: bool = True) -> List[Tuple[str, str]]:
+  """What `python -m memseg_jax.predict` does (library entry): masks and overlays of the images.
+
+  Every input is checked before anything is compiled: the images (found, decodable), the
+  output folder (writable), the checkpoint (present, of this config's model).
+  """
+  from memseg_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  paths = find_images(input_pattern)
+  check_images(paths)
+  output_dir = checkpoint.check_writable(os.path.abspath(output_dir), '--output')
+  variables = load_variables(config, checkpoint_path)
+  evaluate.dataset_metadata(config)     # a class count that differs from the dataset's
+  return predict_images(config, variables, paths, output_dir, progress=progress)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _INPUT.value or not _OUTPUT.value:
     raise app.UsageError('--config, --checkpoint, --input and --output are required')
-  from memseg_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  paths = find_images(_INPUT.value)
-  check_images(paths)
-  output = checkpoint.check_writable(os.path.abspath(_OUTPUT.value))
-  variables = load_variables(config, _CHECKPOINT.value)
-  evaluate.dataset_metadata(config)     # a class count that differs from the dataset's
-  outputs = predict_images(config, variables, paths, output)
+  outputs = run(config, _CHECKPOINT.value, _INPUT.value, _OUTPUT.value)
   print(f'wrote {len(outputs)} masks and overlays to {os.path.abspath(_OUTPUT.value)}')
 
 
