@@ -4,8 +4,8 @@
   `<workdir>/checkpoints` (absolute path), keeping the last `config.train.keep_checkpoints`.
 - `check_writable(workdir)`: a workdir that cannot be written fails before anything is
   compiled (`WorkdirError`, naming it).
-- `save(manager, step, state)` / `check_saves(manager)`: async saves; a write that failed in
-  the background surfaces as `CheckpointWriteError` at the next save or check.
+- `Saver(manager)`: the training run's async saves; a write that failed in the background
+  surfaces as a `CheckpointWriteError` naming the step and the last complete checkpoint.
 - `restore_latest(manager, abstract_state, config)`: the newest complete checkpoint onto the
   structure of the current config's TrainState, or None for a fresh workdir. The checkpoint
   carries everything a resumed run needs: params, optimizer state, BN statistics, the memory,
@@ -19,7 +19,7 @@
   replace the backbone's params and BN statistics of freshly initialised variables.
 - `abstract_variables(config)`: shapes and dtypes of the model's variables {'params',
   'batch_stats'[, 'memory']}, from `jax.eval_shape` of the model's init (nothing allocated).
-- `load_eval_variables(config, workdir)` / `restore_variables(path, config)`: the variables to
+- `load_eval_variables(config, workdir)` / `restore_eval_variables(path, config)`: the variables to
   evaluate or predict with, as host arrays, restored on their own (a partial orbax restore of
   those items: the optimizer state is never read, so a checkpoint of another optimizer, or
   one without optimizer state, evaluates too) from a training workdir, its checkpoints folder,
@@ -44,7 +44,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from memseg_jax import errors
-from memseg_jax.errors import UserError
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 # The variable collections of the model; everything else in a training checkpoint (optimizer
@@ -52,7 +51,7 @@ CHECKPOINT_SUBDIR = 'checkpoints'
 VARIABLE_COLLECTIONS = ('params', 'batch_stats', 'memory')
 
 
-class CheckpointError(UserError, ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that is missing something, unreadable, or not a checkpoint at all."""
 
 
@@ -60,11 +59,11 @@ class CheckpointMismatchError(CheckpointError):
   """A checkpoint whose variables do not fit the model built from the config."""
 
 
-class CheckpointWriteError(UserError, OSError):
+class CheckpointWriteError(errors.UserError, OSError):
   """Writing a checkpoint failed (disk full, permissions, ...); the message names the step."""
 
 
-class WorkdirError(UserError, OSError):
+class WorkdirError(errors.UserError, OSError):
   """The work directory cannot be created or written."""
 
 

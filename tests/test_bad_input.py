@@ -58,6 +58,7 @@ def assert_one_error(proc, *culprits, exit_code=None):
   assert lines[-1] == errors_printed[0], f'printed after the message: {lines[-3:]}'
   for culprit in culprits:
     assert culprit in errors_printed[0], (culprit, errors_printed[0])
+  print(f'[exit {proc.returncode}] {errors_printed[0]}')    # the README table quotes these
   return errors_printed[0]
 
 
@@ -71,6 +72,8 @@ def report(capsys, fn):
   lines = [line for line in err.splitlines() if line.strip()]
   # Only the message, or (orbax's one-line warnings / errors) the message last.
   assert lines[-1].startswith('error: ') and all('error: ' not in l for l in lines[:-1]), err
+  with capsys.disabled():
+    print(f'[exit {e.value.code}] {lines[-1]}')         # the README table quotes these
   return e.value.code, lines[-1]
 
 
@@ -158,7 +161,7 @@ def test_main_eval_of_a_checkpoint_of_another_config_names_variable_shapes_and_k
       '(1, 1, 64, 9) in the model',
       'config.model.num_classes most likely differs (8 in the checkpoint, 9 in this config)',
       exit_code=1)
-  print(message)
+  assert '\n' not in message
 
 
 def test_main_unwritable_workdir_fails_before_the_first_step(tmp_path, read_only_dir):
@@ -170,7 +173,7 @@ def test_main_unwritable_workdir_fails_before_the_first_step(tmp_path, read_only
 
 
 def test_main_library_errors_end_in_one_line(tmp_path, capsys, tiny_checkpoints):
-  """`main.run` as `python -m memseg_jax.main` runs it, in-process (its handling tested directly)."""
+  """`main.run` as `python -m memseg_jax.main` runs it, in-process (its handling, directly)."""
   from memseg_jax import main
   config = tiny_run_config.get_config(str(tmp_path / 'no_data'))
   config.train.batch_size = 8                   # the 8 devices of this test process
@@ -273,7 +276,7 @@ def test_every_typed_error_is_reported_in_one_line(capsys, error):
   assert code == 1 and message == 'error: the culprit X went wrong on a second line'
 
 
-# ----------------------------------------------------------------------- python -m memseg_jax.convert
+# --------------------------------------------------------------------- python -m memseg_jax.convert
 @pytest.fixture(scope='module')
 def pth_files(tmp_path_factory):
   torch = pytest.importorskip('torch')
@@ -308,7 +311,7 @@ def test_convert_missing_foreign_pth_or_existing_output_is_one_line(tmp_path, ca
       str(pth_files / 'other_model.pth'), config, str(tmp_path / 'out')))[1]
 
 
-# ----------------------------------------------------------------------- python -m memseg_jax.predict
+# --------------------------------------------------------------------- python -m memseg_jax.predict
 @pytest.fixture(scope='module')
 def photos(tmp_path_factory):
   from PIL import Image

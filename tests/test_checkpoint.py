@@ -207,8 +207,8 @@ def foreign_checkpoints(tmp_path_factory):
   config = _tiny_config()
   variables = jax.tree_util.tree_map(np.asarray, random_variables(build_model(config), seed=3))
   adam = optax.adam(1e-3).init(variables['params'])
-  _save_tree(root / 'adam', 5, {'step': np.int32(5), 'opt_state': adam, 'rng': np.zeros(2, np.uint32),
-                                **variables})
+  _save_tree(root / 'adam', 5, {'step': np.asarray(5, np.int32), 'opt_state': adam,
+                                'rng': np.zeros(2, np.uint32), **variables})
   _save_tree(root / 'no_opt_state', 7, dict(variables))
   convert.save_variables(str(root / 'converted'), variables)
   return config, root, variables
