@@ -119,14 +119,16 @@ def _int_settings(config, prefix='model') -> Dict[str, int]:
   return out
 
 
-# Which config key decides that a part of the model exists (for missing / unexpected keys).
+# Which config key decides that a part of the model exists (for missing / unexpected keys);
+# a block (model.backbone) is shown with the settings that pick its architecture.
 _STRUCTURE_KEYS = (
     ('memory', 'model.name'),
     ('memory_module', 'model.name'),
     ('auxiliary_decoder', 'model.auxiliary.enabled'),
-    ('backbone_net', 'model.backbone.depth'),
+    ('backbone_net', 'model.backbone'),
     ('decoder', 'model.head.type'),
 )
+_ARCHITECTURE_FIELDS = ('type', 'depth')
 
 
 def likely_config_key(config, expected: Mapping[str, Tuple[int, ...]],
@@ -149,6 +151,9 @@ def likely_config_key(config, expected: Mapping[str, Tuple[int, ...]],
           value = value[k]
       except (KeyError, TypeError, AttributeError):
         continue
+      if hasattr(value, 'keys'):
+        fields = ', '.join(f'{k}={value[k]!r}' for k in _ARCHITECTURE_FIELDS if k in value)
+        return f'config.{name} most likely differs ({fields} in this config)'
       return f'config.{name} most likely differs (it is {value!r} in this config)'
   settings = _int_settings(config)
   votes = collections.Counter()

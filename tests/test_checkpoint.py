@@ -235,6 +235,12 @@ def test_a_checkpoint_that_is_not_one_or_is_incomplete_is_named(foreign_checkpoi
   (tmp_path / 'run' / 'checkpoints' / '9.orbax-checkpoint-tmp').mkdir(parents=True)
   with pytest.raises(ckpt_lib.CheckpointError, match='no complete checkpoint in'):
     ckpt_lib.restore_eval_variables(str(tmp_path / 'run'), config)
+  deeper = config.copy_and_resolve_references()
+  deeper.model.backbone.depth = 50       # bottleneck blocks: other variables, not only shapes
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match="config.model.backbone most likely differs \\(type='resnet', "
+                           "depth=50 in this config\\)"):
+    ckpt_lib.restore_eval_variables(str(root / 'converted'), deeper)
   config.model.name = 'deeplabv3'
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
                      match="config.model.name most likely differs \\(it is 'deeplabv3'"):
