@@ -9,7 +9,7 @@ the config (the real input pipeline with process_count=1), rows [p * B / P, (p +
 process p. A run of P processes thus trains on exactly the batches of a 1-process run whatever
 P, so their final states must agree. The worker saves this process's copy of the final
 replicated params / batch_stats / memory to --out (one npz key per leaf; process 0 also writes
-the step-0 state to <out>_init.npz), then optionally evaluates (`train.evaluate_checkpoint`,
+the step-0 state to <out>_init.npz), then optionally evaluates (`evaluate.evaluate_checkpoint`,
 eval_results.json in --eval_dir).
 
 --mutations trains once more per listed error, each into <workdir>_<name> and
@@ -110,7 +110,7 @@ def main(argv=None):
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
   import jax  # pylint: disable=import-outside-toplevel
-  from memseg_jax import input_pipeline, main as main_lib, train  # pylint: disable=import-outside-toplevel
+  from memseg_jax import evaluate, input_pipeline, main as main_lib, train  # pylint: disable=import-outside-toplevel
   main_lib.enable_compilation_cache()    # MEMSEG_COMPILATION_CACHE=DIR shares compiled programs
   input_pipeline.hide_accelerators_from_tf()
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +147,7 @@ def main(argv=None):
       save_state(args.out.replace('.npz', f'_{name}_{jax.process_index()}.npz'), state)
   if args.eval_dir:
     config.eval.checkpoint = args.eval_checkpoint or args.workdir
-    train.evaluate_checkpoint(config, args.eval_dir)
+    evaluate.evaluate_checkpoint(config, args.eval_dir)
   print(f'process {jax.process_index()} of {jax.process_count()} done', flush=True)
 
 
