@@ -38,6 +38,9 @@ def get_config():
   m.head.dilations = (1, 12, 24, 36)   # ASPP
   m.head.pool_scales = (1, 2, 3, 6)    # PPM
   m.head.dropout = 0.1            # Dropout2d before the classifier of each decoder
+  # MCIBI: stride of a 3x3 CBR on the backbone outputs before the head (the reference's
+  # `downsample_backbone`; HRNet Cityscapes/LIP: 2, i.e. the head at 1/8); 1: no such layer.
+  m.head.downsample_backbone_stride = 1
 
   m.memory = ml_collections.ConfigDict()
   m.memory.num_feats_per_cls = 1

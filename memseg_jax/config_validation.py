@@ -158,6 +158,8 @@ def validate(config, num_devices: int = 1) -> None:
   _positive_sequence(config, 'model.head.dilations')
   _positive_sequence(config, 'model.head.pool_scales')
   _number(config, 'model.head.dropout', non_negative=True, at_most=1)
+  if 'downsample_backbone_stride' in _get(config, 'model.head'):
+    _number(config, 'model.head.downsample_backbone_stride', positive=True, integer=True)
   if _get(config, 'model.auxiliary.enabled'):
     _number(config, 'model.auxiliary.channels', positive=True, integer=True)
     _number(config, 'model.auxiliary.dropout', non_negative=True, at_most=1)
