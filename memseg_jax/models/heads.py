@@ -219,14 +219,22 @@ class AuxiliaryDecoder(_Head):
   def __call__(self, x):
     step = 4 if self.upsample else 3
     for j in range(self.num_convs):
+      if j > 0 and self.upsample:
+        x = upsample_nearest(x, int(self.upsample))
       x = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name=str(step * j))(x)
       x = BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
                     momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype,
                     name=str(step * j + 1))(x)
       x = get_activation(self.act)(x)
-      if self.upsample:
-        x = upsample_nearest(x, int(self.upsample))
     x = Dropout2d(self.dropout, deterministic=not self.train)(x)
     in_features = self.features if self.num_convs else x.shape[-1]
-    return conv(self.num_classes, 1, use_bias=True, in_features=in_features, dtype=self.dtype,
-                conv_impl=self.conv_impl, name=str(step * self.num_convs + 1))(x)
+    x = conv(self.num_classes, 1, use_bias=True, in_features=in_features, dtype=self.dtype,
+             conv_impl=self.conv_impl, name=str(step * self.num_convs + 1))(x)
+    # The last upsampling comes after the dropout and the 1x1 classifier, not before as in the
+    # reference: nearest upsampling only replicates pixels, and a per-pixel linear map and a
+    # per-channel mask give the same values on replicated pixels, so the result is identical
+    # while the (B, 16h, 16w, 512) input of the classifier (1 GiB per head at a 512 crop,
+    # batch 2) is never formed.
+    if self.upsample and self.num_convs:
+      x = upsample_nearest(x, int(self.upsample))
+    return x

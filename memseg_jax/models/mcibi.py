@@ -70,7 +70,7 @@ class _Segmentor(nn.Module):
   norm_eps: float = 1e-6
   aux_num_convs: int = 1         # 3x3 CBRs per auxiliary head
   aux_upsample: int = 0          # nearest upsampling factor after each of them (0: none)
-  aux_num_heads: int = 1         # heads on the selected outputs before the head's, last first
+  aux_num_heads: int = 1         # heads on the last n selected outputs before the head's
   remat: bool = False            # rematerialise backbone blocks in the backward pass
 
   # Whether the segmentor's own layers take `valid_hw` (the backbone says so for itself).
