@@ -1,4 +1,4 @@
-"""MCIBI, DeepLabV3 head on ViT-Large/16, COCO-Stuff-10k (182 classes), 512x512, batch 16, 110 epochs.
+"""MCIBI, DeepLabV3 head on ViT-L/16, COCO-Stuff-10k (182 classes), 512x512, batch 16, 110 epochs.
 
     python -m memseg_jax.main --config=configs/cocostuff10k_vitl.py \
         --workdir=/ckpt/mcibi_vitl_cocostuff10k --config.data.data_dir=/data/tfds \

@@ -54,7 +54,8 @@ def test_vit_config_puts_every_backbone_parameter_in_the_0_1_group():
   labels = train.param_group_labels(params, train.params_rules(config), 'vit')
   flat = {tuple(p.key for p in path): label
           for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]}
-  assert flat[('backbone_net', 'pos_embed')] == flat[('backbone_net', 'cls_token')] == 'backbone_net'
+  assert flat[('backbone_net', 'pos_embed')] == 'backbone_net'
+  assert flat[('backbone_net', 'cls_token')] == 'backbone_net'
   for key, label in flat.items():
     assert label == ('backbone_net' if key[0] == 'backbone_net' else train.BASE_GROUP), key
   assert config.train.weight_decay == 0.0

@@ -1,4 +1,4 @@
-"""Parity of MCIBI ViT-L (configs/ade20k_vitl.py, cocostuff10k_vitl.py) with the reference, CPU float32.
+"""Parity of MCIBI ViT-L (configs/{ade20k,cocostuff10k}_vitl.py) with the reference, CPU float32.
 
 The reference (SSSegmentation 1.7.0: `VisionTransformer`, MCIBI with `norm_layers` and three
 auxiliary heads) is built with random weights: BN statistics calibrated on the test's images,
@@ -80,6 +80,36 @@ def test_eval_logits_match_reference_cocostuff_head():
   _assert_logits_match(ref, ours, config, 256, 320)
 
 
+def test_slide_inference_of_the_config_matches_reference():
+  """configs/ade20k_vitl.py's inference (slide 512, stride 341, probabilities) on a 300x700
+  image: two 300x512 windows (a 19x32 token grid), through `evaluate.inference` and the
+  reference's own `inference`."""
+  from memseg_jax import evaluate   # pylint: disable=import-outside-toplevel
+  cfg, config = ru.vit_mcibi_cfgs(**REDUCED)
+  gen = torch.Generator().manual_seed(6)
+  images = torch.randn(1, 3, 300, 700, generator=gen)
+  model = ru.build_reference(cfg, calibration_images=images[..., :512], random_memory=True,
+                             seed=6, prepare=ru.randomize_vit)
+  i = config.inference
+  assert (i.mode, tuple(i.crop_size), tuple(i.stride)) == ('slide', (512, 512), (341, 341))
+  model.cfg['inference'] = {
+      'forward': {'mode': 'slide', 'cropsize': tuple(i.crop_size), 'stride': tuple(i.stride)},
+      'tta': {'multiscale': [1.0], 'flip': False, 'use_probs_before_resize': True}}
+  with torch.no_grad():
+    ref = model.inference(images).numpy()
+  variables = convert.convert_ssseg_state_dict(model.state_dict(), config)
+  forward_fn = evaluate.make_forward_fn(build_model(config))
+  ours = evaluate.inference(forward_fn, variables, ru.nchw_to_nhwc(images.numpy()),
+                            out_hw=(300, 700),
+                            settings=evaluate.InferenceSettings.from_config(config))
+  ours = ru.nhwc_to_nchw(np.asarray(ours))
+  assert ours.shape == ref.shape == (1, 150, 300, 700)
+  err = np.abs(ours - ref).max()
+  print(f'slide probabilities 300x700: max abs diff {err:.3g}')
+  assert err < 1e-4
+  assert np.unique(ref.argmax(1)).size > 1
+
+
 def test_position_embedding_resize_matters():
   """The odd-size case is sensitive to the resize: no resize would differ from the reference."""
   cfg, config = ru.vit_mcibi_cfgs(**REDUCED)
@@ -93,7 +123,8 @@ def test_position_embedding_resize_matters():
   assert err <= 1e-6 * np.abs(resized).max()
   # The grid really moves: nearest-neighbour subsampling is far from it.
   grid = pos.numpy()[0, 1:].reshape(32, 32, -1)
-  nearest = grid[np.arange(13) * 32 // 13][:, np.arange(21) * 32 // 21].reshape(1, -1, grid.shape[-1])
+  nearest = grid[np.arange(13) * 32 // 13][:, np.arange(21) * 32 // 21]
+  nearest = nearest.reshape(1, -1, grid.shape[-1])
   assert np.abs(nearest - resized[:, 1:]).max() > 0.1
 
 
@@ -139,7 +170,8 @@ def test_train_forward_losses_memory_and_bn_stats_match_reference():
       variables, jnp.asarray(ru.nchw_to_nhwc(images.numpy())), our_labels)
 
   w = config.loss
-  pairs = {'loss_cls_stage2': ('loss_stage2', w.stage2), 'loss_cls_stage1': ('loss_stage1', w.stage1),
+  pairs = {'loss_cls_stage2': ('loss_stage2', w.stage2),
+           'loss_cls_stage1': ('loss_stage1', w.stage1),
            'loss_aux1': ('loss_aux1', w.aux), 'loss_aux2': ('loss_aux2', w.aux),
            'loss_aux3': ('loss_aux3', w.aux), 'loss_memory': ('loss_memory', w.memory),
            'loss_total': ('loss_total', 1.0)}
@@ -147,7 +179,8 @@ def test_train_forward_losses_memory_and_bn_stats_match_reference():
   for ref_name, (name, weight) in pairs.items():
     ours = weight * float(our_losses[name])
     rel = abs(ours - ref_losses[ref_name]) / abs(ref_losses[ref_name])
-    print(f'{ref_name}: ours {ours:.7g} reference {ref_losses[ref_name]:.7g} relative diff {rel:.3g}')
+    print(f'{ref_name}: ours {ours:.7g} reference {ref_losses[ref_name]:.7g} '
+          f'relative diff {rel:.3g}')
     assert rel <= RTOL, (ref_name, ours, ref_losses[ref_name])
   # The three auxiliary heads see different blocks: their losses differ.
   assert len({round(float(our_losses[f'loss_aux{i}']), 6) for i in (1, 2, 3)}) == 3
@@ -187,7 +220,8 @@ def test_parameter_count_matches_reference_vit_large():
         f'reference {ref_parameters:,}; backbone '
         f'{sum(p.numel() for p in model.backbone_net.parameters()):,}')
   assert count({'params', 'memory'}) == ref_parameters
-  ours = {convert.torch_key(k, 'vit'): convert._torch_shape(s, k[-1])  # pylint: disable=protected-access
+  torch_shape = convert._torch_shape  # pylint: disable=protected-access
+  ours = {convert.torch_key(k, 'vit'): torch_shape(s, k[-1])
           for k, s in shapes.items()}
   assert ours == ref_shapes
 

@@ -105,7 +105,8 @@ def _ours(model, images_nchw, **sizes):
           for k, v in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]
           for k in [tuple(p.key for p in k)]}
   variables = convert.convert_state_dict(model.state_dict(), flat, 'the ViT state_dict', 'vit')
-  outputs = vit.build(dict(TINY, **sizes)).apply(variables, jnp.asarray(ru.nchw_to_nhwc(images_nchw)))
+  outputs = vit.build(dict(TINY, **sizes)).apply(variables,
+                                                 jnp.asarray(ru.nchw_to_nhwc(images_nchw)))
   return [ru.nhwc_to_nchw(np.asarray(o)) for o in outputs]
 
 
@@ -188,3 +189,24 @@ def test_imagenet_conversion_matches_the_references_pretrained_load(tmp_path):
     tol = 1e-6 * np.abs(ref).max() if torch_name == 'pos_embed' else 0.0
     np.testing.assert_allclose(value, ref, rtol=0, atol=tol, err_msg=torch_name)
 
+
+
+def test_training_starts_from_a_timm_checkpoint_named_in_the_config(tmp_path):
+  """config.model.backbone.pretrained = the timm .pth: the backbone is the converted file."""
+  from memseg_jax import train   # pylint: disable=import-outside-toplevel
+  sd = _timm_state_dict(torch.Generator().manual_seed(1))
+  path = str(tmp_path / 'timm_vit.pth')
+  torch.save(sd, path)
+  config = ru.project_config(overrides={
+      'model.backbone.type': 'vit', 'model.backbone.selected_indices': (0, 1),
+      'model.backbone.pretrained': path, 'data.crop_size': (64, 64),
+      **{f'model.backbone.{k}': v for k, v in TINY.items()}})
+  variables = train.init_variables(config, jax.random.PRNGKey(0))
+  backbone = variables['params']['backbone_net']
+  np.testing.assert_array_equal(np.asarray(backbone['cls_token']), sd['cls_token'].numpy())
+  np.testing.assert_array_equal(
+      np.asarray(backbone['layers_2']['attn']['attn']['in_proj_weight']),
+      sd['blocks.2.attn.qkv.weight'].numpy())
+  np.testing.assert_array_equal(np.asarray(backbone['layers_0']['ffn']['layers_1']['kernel']),
+                                sd['blocks.0.mlp.fc2.weight'].numpy().T)
+  assert 'backbone_net' not in variables['batch_stats']
