@@ -23,6 +23,7 @@ def get_config():
   m.bn_eps = 1e-5
   m.bn_momentum = 0.1             # PyTorch convention: running = 0.9 * running + 0.1 * batch
   m.conv_impl = 'auto'            # 'auto' (by the devices compiled for), 'native' or 'taps' (CPU)
+  m.remat = False                 # rematerialise backbone blocks in the backward pass (ViT)
 
   m.backbone = ml_collections.ConfigDict()
   m.backbone.type = 'resnet'      # memseg_jax.models.backbones.REGISTRY
@@ -41,6 +42,8 @@ def get_config():
   # MCIBI: stride of a 3x3 CBR on the backbone outputs before the head (the reference's
   # `downsample_backbone`; HRNet Cityscapes/LIP: 2, i.e. the head at 1/8); 1: no such layer.
   m.head.downsample_backbone_stride = 1
+  m.head.norm_layers = False      # LayerNorm over channels on each selected output (ViT-L)
+  m.head.norm_eps = 1e-6
 
   m.memory = ml_collections.ConfigDict()
   m.memory.num_feats_per_cls = 1
@@ -62,6 +65,9 @@ def get_config():
   m.auxiliary.enabled = True
   m.auxiliary.channels = 512
   m.auxiliary.dropout = 0.1
+  m.auxiliary.num_convs = 1       # 3x3 conv + BN + act blocks per head
+  m.auxiliary.upsample = 0        # nearest x factor after each block (0: none; ViT-L: 4)
+  m.auxiliary.num_heads = 1       # heads on the outputs before the head's (ViT-L: 3, aux1..3)
 
   # ---------------------------------------------------------------- losses
   config.loss = ml_collections.ConfigDict()
@@ -108,6 +114,11 @@ def get_config():
   t.lr_power = 0.9
   t.momentum = 0.9
   t.weight_decay = 5e-4
+  # Parameter groups (the reference's `params_rules`): rules (pattern, lr_multiplier,
+  # wd_multiplier); a parameter whose reference name (memseg_jax.convert.torch_key, e.g.
+  # 'backbone_net.layers.0.ln1.weight') contains the pattern (longest pattern first) gets
+  # lr * lr_multiplier and weight_decay * wd_multiplier. Empty: one group.
+  t.params_rules = ()
   t.log_every_steps = 50
   t.checkpoint_every_steps = 2000
   t.keep_checkpoints = 3

@@ -139,6 +139,27 @@ def _backbone(config):
           f'must be indices of the backbone\'s {num_outputs} outputs')
 
 
+def _auxiliary_heads(config):
+  """num_convs / upsample / num_heads of model.auxiliary (absent keys: the FCN head's values)."""
+  aux = _get(config, 'model.auxiliary')
+  for key, minimum in (('num_convs', 0), ('upsample', 0), ('num_heads', 1)):
+    value = aux.get(key, minimum if key != 'num_convs' else 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      _fail(f'model.auxiliary.{key}', value, f'must be an integer >= {minimum}')
+
+
+def _params_rules(config):
+  """train.params_rules: a sequence of (pattern, lr_multiplier, wd_multiplier)."""
+  rules = _get(config, 'train').get('params_rules', ()) or ()
+  for i, rule in enumerate(rules):
+    ok = (isinstance(rule, (list, tuple)) and len(rule) == 3 and isinstance(rule[0], str)
+          and rule[0] and all(not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0
+                              for v in rule[1:]))
+    if not ok:
+      _fail(f'train.params_rules[{i}]', rule,
+            'must be (name pattern, lr_multiplier >= 0, wd_multiplier >= 0)')
+
+
 def validate(config, num_devices: int = 1) -> None:
   """Raises ConfigError (one line, naming the key) for the first unusable value."""
   # model
@@ -163,6 +184,7 @@ def validate(config, num_devices: int = 1) -> None:
   if _get(config, 'model.auxiliary.enabled'):
     _number(config, 'model.auxiliary.channels', positive=True, integer=True)
     _number(config, 'model.auxiliary.dropout', non_negative=True, at_most=1)
+    _auxiliary_heads(config)
   if name == 'mcibi':
     _number(config, 'model.memory.num_feats_per_cls', positive=True, integer=True)
     _number(config, 'model.memory.transform_channels', positive=True, integer=True)
@@ -213,6 +235,7 @@ def validate(config, num_devices: int = 1) -> None:
   _number(config, 'train.lr_power', positive=True)
   _number(config, 'train.momentum', non_negative=True, at_most=1)
   _number(config, 'train.weight_decay', non_negative=True)
+  _params_rules(config)
   _number(config, 'train.log_every_steps', positive=True, integer=True)
   _number(config, 'train.checkpoint_every_steps', positive=True, integer=True)
   _number(config, 'train.keep_checkpoints', positive=True, integer=True)

@@ -83,7 +83,8 @@ def cross_entropy(logits, labels, ignore_index: int = 255):
 def compute_losses(outputs, labels, config) -> Dict[str, jnp.ndarray]:
   """Loss terms and their weighted sum 'loss_total' for the outputs of a training forward.
 
-  MCIBI: 'loss_stage2', 'loss_stage1', 'loss_aux' (if the aux head is on) and, when the
+  MCIBI: 'loss_stage2', 'loss_stage1', 'loss_aux' (if the aux head is on; 'loss_aux1',
+  'loss_aux2', ... with several auxiliary heads) and, when the
   forward produced 'preds_memory', 'loss_memory'. DeepLabV3: 'loss_cls' and 'loss_aux'.
   Weights come from `config.loss` (stage2 also weights DeepLabV3's 'loss_cls').
   """
@@ -96,6 +97,10 @@ def compute_losses(outputs, labels, config) -> Dict[str, jnp.ndarray]:
              'loss_stage1': (outputs['preds_stage1'], w.stage1)}
   if 'preds_aux' in outputs:
     terms['loss_aux'] = (outputs['preds_aux'], w.aux)
+  i = 1
+  while f'preds_aux{i}' in outputs:     # several auxiliary heads (ViT-L), each weighted w.aux
+    terms[f'loss_aux{i}'] = (outputs[f'preds_aux{i}'], w.aux)
+    i += 1
 
   losses = {name: cross_entropy(logits, labels, ignore_index)
             for name, (logits, _) in terms.items()}

@@ -4,8 +4,10 @@ Each config keeps its model structure (backbone depth, head, activation, classes
 loss settings) except where noted: crops shrink to 64x64 (Cityscapes 64x128), the global
 batch to 8, and, to keep the test within minutes on a CPU, every backbone deeper than 50
 layers (ade20k_r101) runs as R-50, the non-ADE20K configs (same R-50 structure as ADE20K) as
-R-18, and the HRNet-W48 configs as HRNetV2-W18-small. The step's lr and memory momentum are
-checked against the config's schedule values.
+R-18, the HRNet-W48 configs as HRNetV2-W18-small, and the ViT-L configs as a ViT of the same
+layout with 4 blocks of 64 channels (every block an output; the 32x32 position embedding is
+resized to the 4x4 token grid). The step's lr and memory momentum are checked against the
+config's schedule values.
 """
 
 import os
@@ -24,11 +26,12 @@ SMALLER_BACKBONE = {'ade20k_r101.py': 50, 'cityscapes.py': 18, 'lip.py': 18,
                     'cocostuff10k.py': 18, 'default.py': 18}
 # HRNet configs run the narrowest reference arch (same stages, branches and head wiring).
 SMALLER_HRNET_ARCH = 'hrnetv2_w18_small'
+SMALLER_VIT = dict(embed_dims=64, num_layers=4, num_heads=4, out_indices=(0, 1, 2, 3))
 
 
 def test_all_expected_configs_exist():
   for name in ('default.py', 'ade20k.py', 'ade20k_r101.py', 'cityscapes.py', 'lip.py',
-               'cocostuff10k.py', 'demo.py'):
+               'cocostuff10k.py', 'demo.py', 'ade20k_vitl.py', 'cocostuff10k_vitl.py'):
     assert name in CONFIG_FILES
     with open(os.path.join(CONFIGS, name)) as f:
       doc = f.read().split('"""')[1]
@@ -48,6 +51,8 @@ def test_one_train_step_of_every_config(name):
     config.model.backbone.depth = SMALLER_BACKBONE[name]
   if config.model.backbone.type == 'hrnet':
     config.model.backbone.arch = SMALLER_HRNET_ARCH
+  if config.model.backbone.type == 'vit':
+    config.model.backbone.update(SMALLER_VIT)
   validate(config, 8)
 
   mesh = train.create_mesh()
@@ -81,7 +86,8 @@ def test_one_train_step_of_every_config(name):
         mem.base_momentum * lr0 / mem.base_lr, rel=1e-5)
     assert ('loss_memory' in metrics) == bool(mem.use_loss)
   # Random labels: every CE term starts near ln(K) (a loose, independent bound).
-  for term in ('loss_stage2', 'loss_stage1', 'loss_aux', 'loss_cls'):
+  for term in ('loss_stage2', 'loss_stage1', 'loss_aux', 'loss_cls', 'loss_aux1', 'loss_aux2',
+               'loss_aux3'):
     if term in metrics:
       assert 0.3 * np.log(k) < float(metrics[term]) < 3 * np.log(k), (term, metrics[term])
   moved = [np.abs(np.asarray(a) - b).max()

@@ -6,6 +6,9 @@
 - `DecoderHead`: CBR (1x1 for the MCIBI decoders, 3x3 for the auxiliary head) -> Dropout2d ->
   1x1 classifier with bias. This is `decoder_stage1`, `decoder_stage2` and the FCN auxiliary head.
 - `ClassifierHead`: Dropout2d -> 1x1 classifier (the plain DeepLabV3 decoder).
+- `AuxiliaryDecoder`: the reference's `DefaultAuxiliaryDecoder` in general form (several 3x3
+  CBRs, each optionally followed by a nearest upsampling), e.g. the ViT-L heads. The FCN
+  auxiliary head (one CBR, no upsampling) stays a `DecoderHead`, with its names.
 
 Children are named after the reference state_dict: list entries `name_N`, a conv + BN + act
 `ConvBNAct` (`conv`, `bn`), the classifier conv `classifier`. The pooling branches carry the
@@ -191,3 +194,47 @@ class ClassifierHead(nn.Module):
     x = Dropout2d(self.dropout, deterministic=not self.train)(x)
     return conv(self.num_classes, 1, use_bias=True, in_features=in_features, dtype=self.dtype,
                 conv_impl=self.conv_impl, name='classifier')(x)
+
+
+def upsample_nearest(x, scale: int):
+  """nn.Upsample(scale_factor=scale) (mode 'nearest') for an integer scale: (B, sH, sW, C)."""
+  return jnp.repeat(jnp.repeat(x, scale, axis=1), scale, axis=2)
+
+
+class AuxiliaryDecoder(_Head):
+  """`num_convs` x [3x3 conv, BN, act, (x`upsample` nearest)] -> Dropout2d -> 1x1 conv with bias.
+
+  Children are named by their index in the reference Sequential (the activation, upsampling
+  and dropout hold no parameters): with upsampling, conv/BN of block j are `4j`/`4j+1` and the
+  classifier `4 * num_convs + 1` (ViT-L: 0, 1, 4, 5, 9); without, `3j`/`3j+1` and
+  `3 * num_convs + 1`.
+  """
+  num_classes: int = 150
+  features: int = 512
+  num_convs: int = 2
+  upsample: int = 0           # nearest upsampling factor after each CBR; 0: none
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x):
+    step = 4 if self.upsample else 3
+    for j in range(self.num_convs):
+      if j > 0 and self.upsample:
+        x = upsample_nearest(x, int(self.upsample))
+      x = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name=str(step * j))(x)
+      x = BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
+                    momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype,
+                    name=str(step * j + 1))(x)
+      x = get_activation(self.act)(x)
+    x = Dropout2d(self.dropout, deterministic=not self.train)(x)
+    in_features = self.features if self.num_convs else x.shape[-1]
+    x = conv(self.num_classes, 1, use_bias=True, in_features=in_features, dtype=self.dtype,
+             conv_impl=self.conv_impl, name=str(step * self.num_convs + 1))(x)
+    # The last upsampling comes after the dropout and the 1x1 classifier, not before as in the
+    # reference: nearest upsampling only replicates pixels, and a per-pixel linear map and a
+    # per-channel mask give the same values on replicated pixels, so the result is identical
+    # while the (B, 16h, 16w, 512) input of the classifier (1 GiB per head at a 512 crop,
+    # batch 2) is never formed.
+    if self.upsample and self.num_convs:
+      x = upsample_nearest(x, int(self.upsample))
+    return x
