@@ -1,9 +1,10 @@
-"""The features memory of MCIBI: its state, how it is read, how it is updated, and its loss.
+"""The features memories of MCIBI and MCIBI++: state, read, update rule, and MCIBI's loss.
 
 This file tells the paper's central idea end to end ("Mining Contextual Information Beyond
-Image", spec sections 1.2 item 5, 2, 3, 4 and 8). Everything numeric is a pure, jittable
-function; `FeaturesMemory` is the one Linen module, owning the parameters of the read path and
-the memory variable.
+Image", spec sections 1.2 item 5, 2, 3, 4 and 8), then its follow-up's distribution memory
+(last section below). Everything numeric is a pure, jittable function; `FeaturesMemory`
+(MCIBI) and `FeaturesMemoryV2` (MCIBI++) are the Linen modules, owning the parameters of the
+read path and the memory variable.
 
 State (spec 1.4, 3)
   M: (K, n, C) float32, one (n = `num_feats_per_cls` = 1 in every shipped config) C-vector per
@@ -658,7 +659,7 @@ def _upsampled_class_sums(features_lowres, labels, num_classes: int, ignore_inde
   cls = jnp.where(valid, labels, k)                                      # bin K collects the rest
   hp, wp = h + 1, w + 1
   base = ((jnp.arange(b)[:, None, None] * hp + jnp.asarray(hi0)[None, :, None]) * wp
-          + jnp.asarray(wi0)[None, None, :])                             # (B, H, W) into (B, hp, wp)
+          + jnp.asarray(wi0)[None, None, :])                 # (B, H, W) indices into (B, hp, wp)
   weights = jnp.zeros((b * hp * wp * (k + 1),), jnp.float32)
   for dr, dc, a in ((0, 0, np.outer(hw0, ww0)), (0, 1, np.outer(hw0, ww1)),
                     (1, 0, np.outer(hw1, ww0)), (1, 1, np.outer(hw1, ww1))):

@@ -185,10 +185,9 @@ def test_converter_names_missing_unexpected_and_misshaped_keys():
   config = _config('deeplabv3')
   shapes = convert.variable_shapes(config)
   state = {}
+  torch_shape = convert._torch_shape  # pylint: disable=protected-access
   for key, shape in shapes.items():
-    leaf = key[-1]
-    value = np.zeros(convert._torch_shape(shape, leaf), np.float32)  # pylint: disable=protected-access
-    state[convert.torch_key(key)] = value
+    state[convert.torch_key(key)] = np.zeros(torch_shape(shape, key[-1]), np.float32)
   convert.convert_ssseg_state_dict(state, config)        # complete: converts
   broken = dict(state)
   del broken['decoder_cwi.conv2.bias']
@@ -200,3 +199,25 @@ def test_converter_names_missing_unexpected_and_misshaped_keys():
   assert 'missing keys: decoder_cwi.conv2.bias' in message
   assert 'unexpected keys: decoder_cwi.conv3.weight' in message
   assert f'memory_module.memory has shape (5, 1, 16), expected ({K}, 2)' in message
+
+
+def test_padded_whole_evaluation_of_stride_4_logits_matches_the_exact_path():
+  """evaluate's padded whole mode with UPerNet's logits at 1/4 (models.logits_stride)."""
+  from memseg_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from tests.test_evaluate import _settings  # pylint: disable=import-outside-toplevel
+  config = _config('upernet')
+  model = build_model(config)
+  variables = _variables(model, jnp.zeros((1, 32, 32, 3)))
+  settings = _settings(use_probs=False, flip=True, scales=(1.0, 0.75))
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(37, 53, 3)).astype(np.float32)
+  padded = (rng.normal(size=(64, 64, 3)) * 30).astype(np.float32)
+  padded[:37, :53] = image
+  exact = np.asarray(evaluate.inference(evaluate.make_forward_fn(model), variables,
+                                        image[None], out_hw=(75, 104), settings=settings))[0]
+  scores = np.asarray(evaluate.padded_whole_scores(
+      evaluate.make_padded_forward_fn(model), variables, padded, image_hw=(37, 53),
+      orig_hw=(75, 104), label_hw=(128, 128), settings=settings,
+      output_stride=logits_stride(config)))
+  np.testing.assert_allclose(scores[:75, :104], exact, rtol=1e-5,
+                             atol=1e-5 * np.max(np.abs(exact)))
