@@ -16,7 +16,8 @@ def get_config():
 
   # ---------------------------------------------------------------- model
   config.model = m = ml_collections.ConfigDict()
-  m.name = 'mcibi'                # 'mcibi' (memory on) or 'deeplabv3' (the same net, memory off)
+  m.name = 'mcibi'                # 'mcibi' (memory on) or 'deeplabv3' (the same net, memory off);
+                                  # 'mcibipp' (MCIBI++) or 'upernet' (configs/mcibipp/)
   m.num_classes = 150
   m.dtype = 'float32'             # compute dtype; parameters, BN statistics, memory stay float32
   m.act = 'relu'                  # head/aux activation: 'relu' or 'leaky_relu' (LIP: slope 0.01)
@@ -61,6 +62,20 @@ def get_config():
   # the parity tests) up to float32 rounding, at a fraction of the memory and time.
   m.memory.fused_update = True
 
+  # MCIBI++ (model.name='mcibipp', configs/mcibipp/): options of its segmentor. It also reads
+  # model.memory (transform/out channels, hard aggregation, the context on/off, momentum,
+  # fused update) and model.head (context type, channels, dropout).
+  m.mcibipp = ml_collections.ConfigDict()
+  m.mcibipp.use_self_attention = True    # SA(query=context, key/value=memory output)
+  m.mcibipp.force_use_preds_pr = False   # gather with decoder_pr's logits despite a context
+  m.mcibipp.downsample_before_sa = False # stride-2 3x3 CBR before the memory's SA (HRNet)
+  m.mcibipp.decoder_pr_kernel = 1        # conv1 of decoder_pr / _cwi / _cls: 1 or 3 (pad 1)
+  m.mcibipp.decoder_cwi_kernel = 1
+  m.mcibipp.decoder_cls_kernel = 1
+  m.mcibipp.fpn = False                  # UPerNet variant: FPN over C2..C4, logits at 1/4
+  m.mcibipp.fpn_feats_channels = 1024    # laterals = memory out_channels + context channels
+  m.mcibipp.fpn_out_channels = 512
+
   m.auxiliary = ml_collections.ConfigDict()
   m.auxiliary.enabled = True
   m.auxiliary.channels = 512
@@ -75,6 +90,7 @@ def get_config():
   config.loss.stage1 = 0.4
   config.loss.aux = 0.4
   config.loss.memory = 1.0
+  config.loss.cwi = 1.0           # MCIBI++: decoder_cwi (its loss_cls/loss_pr weigh stage2/stage1)
 
   # ---------------------------------------------------------------- data
   config.data = d = ml_collections.ConfigDict()

@@ -175,6 +175,8 @@ def validate(config, num_devices: int = 1) -> None:
   head_type = _one_of(config, 'model.head.type', HEAD_TYPES)
   if name == 'deeplabv3' and head_type != 'aspp':
     _fail('model.head.type', head_type, "must be 'aspp' for model.name='deeplabv3'")
+  if name == 'upernet' and head_type != 'ppm':
+    _fail('model.head.type', head_type, "must be 'ppm' for model.name='upernet'")
   _number(config, 'model.head.feats_channels', positive=True, integer=True)
   _positive_sequence(config, 'model.head.dilations')
   _positive_sequence(config, 'model.head.pool_scales')
@@ -193,6 +195,8 @@ def validate(config, num_devices: int = 1) -> None:
     _number(config, 'model.memory.base_momentum', non_negative=True)
     if _get(config, 'model.memory.adjust_by_learning_rate'):
       _number(config, 'model.memory.base_lr', positive=True)
+  if name == 'mcibipp':
+    _validate_mcibipp(config)
 
   # loss weights
   for key in ('stage2', 'stage1', 'aux', 'memory'):
@@ -259,3 +263,32 @@ def check_num_classes(config) -> None:
   if info.num_classes != k:
     raise ConfigError(f'config.model.num_classes={k} but dataset {config.data.name!r} has '
                       f'{info.num_classes} classes')
+
+
+def _validate_mcibipp(config):
+  """The MCIBI++ keys (model.memory, model.mcibipp, loss.cwi); see configs/default.py."""
+  from memseg_jax.models import memory  # pylint: disable=import-outside-toplevel
+  _number(config, 'model.memory.transform_channels', positive=True, integer=True)
+  out = _number(config, 'model.memory.out_channels', positive=True, integer=True)
+  _number(config, 'model.memory.base_momentum', non_negative=True, at_most=1)
+  if _get(config, 'model.memory.adjust_by_learning_rate'):
+    _number(config, 'model.memory.base_lr', positive=True)
+  try:   # the stored noise of the memory read covers these sizes only
+    memory.memory_noise(int(_get(config, 'model.num_classes')),
+                        int(_get(config, 'model.head.feats_channels')))
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  for key in ('decoder_pr_kernel', 'decoder_cwi_kernel', 'decoder_cls_kernel'):
+    _one_of(config, f'model.mcibipp.{key}', (1, 3))
+  if _get(config, 'model.mcibipp.fpn'):
+    if not _get(config, 'model.memory.use_context_within_image'):
+      _fail('model.mcibipp.fpn', True, 'needs config.model.memory.use_context_within_image '
+            '(the FPN top level is [memory output, context])')
+    feats = _get(config, 'model.head.feats_channels')
+    lateral = _number(config, 'model.mcibipp.fpn_feats_channels', positive=True, integer=True)
+    if lateral != out + feats:
+      _fail('model.mcibipp.fpn_feats_channels', lateral,
+            f'must equal model.memory.out_channels + model.head.feats_channels = {out + feats} '
+            '(the top level is added to the laterals)')
+    _number(config, 'model.mcibipp.fpn_out_channels', positive=True, integer=True)
+  _number(config, 'loss.cwi', non_negative=True)

@@ -217,10 +217,10 @@ def make_train_step(config, model, tx, lr_schedule, mesh: Mesh, *, memory_loss: 
   (B global); the state is replicated. Metrics are device means of each loss term, plus 'lr'
   and 'memory_momentum'.
   """
-  has_memory = config.model.name == 'mcibi'
-  mutable = ['batch_stats', 'memory'] if has_memory else ['batch_stats']
-
   def step_fn(state: TrainState, batch):
+    # The models with a memory (MCIBI, MCIBI++) are those whose state holds one.
+    has_memory = bool(state.memory)
+    mutable = ['batch_stats', 'memory'] if has_memory else ['batch_stats']
     lr = lr_schedule(state.step)
     device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                     lax.axis_index(AXIS))

@@ -25,6 +25,8 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 SEGMENTORS = {
     'mcibi': ('memseg_jax.models.mcibi', 'MCIBI'),
     'deeplabv3': ('memseg_jax.models.mcibi', 'DeepLabV3'),
+    'mcibipp': ('memseg_jax.models.mcibipp', 'MCIBIPlusPlus'),
+    'upernet': ('memseg_jax.models.mcibipp', 'UPerNet'),
 }
 
 
