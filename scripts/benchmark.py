@@ -141,6 +141,8 @@ def parse_args(argv=None):
   p.add_argument('--classes_present', type=int, default=30, help='classes in the update labels')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='memseg_jax compute dtype (the reference always runs float32)')
+  p.add_argument('--conv_impl', default=None, choices=('auto', 'native', 'taps'),
+                 help="config.model.conv_impl (default: the config's, 'auto')")
   p.add_argument('--naive_update', action='store_true',
                  help='train steps with the naive (upsampling) memory update')
   p.add_argument('--skip_reference', action='store_true')
@@ -258,6 +260,8 @@ class Context:
                                                           backbone['config'])))
       config.model.name = model_name
     config.model.dtype = self.args.dtype
+    if self.args.conv_impl:
+      config.model.conv_impl = self.args.conv_impl
     if self.args.naive_update:
       config.model.memory.fused_update = False
     config.train.batch_size = self.args.batch_size
