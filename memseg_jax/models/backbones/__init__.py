@@ -26,6 +26,7 @@ import importlib
 
 REGISTRY = {
     'resnet': 'memseg_jax.models.backbones.resnet',
+    'resnest': 'memseg_jax.models.backbones.resnest',
 }
 
 
