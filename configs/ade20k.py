@@ -15,6 +15,18 @@ The ImageNet backbone: `python -m memseg_jax.convert --imagenet
 --torch_checkpoint=resnet50_v1c.pth --config=configs/ade20k.py --output=/ckpt/resnet50_v1c_imagenet`
 (an open-mmlab `.pth` path also works directly). Every value is the reference's
 `mcibi_deeplabv3_resnet50os8_ade20k` (configs/default.py holds them).
+
+On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
+float32):
+
+    python -m memseg_jax.main --config=configs/ade20k.py --workdir=/ckpt/mcibi_r50_ade20k \
+        --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
+        --config.model.dtype=bfloat16
+
+Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
+`python scripts/aot_check.py --configs=ade20k`: whether the documented batch fits each slice;
+add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
 """
 
 from memseg_jax.config_validation import load_sibling_config

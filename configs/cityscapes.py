@@ -11,6 +11,18 @@ evaluation here on `validation` is not a held-out number; train on `--config.dat
 for a validation score. The memory momentum starts at 1.0 (base_lr 0.009 < lr 0.01) and there
 is no memory loss. Inference: slide windows of (height, width) = (1024, 512) with stride 341,
 scales 0.5-1.75 and flip, softmax probabilities averaged (the reference's active config).
+
+On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
+float32):
+
+    python -m memseg_jax.main --config=configs/cityscapes.py --workdir=/ckpt/mcibi_r50_cityscapes \
+        --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
+        --config.model.dtype=bfloat16
+
+Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
+`python scripts/aot_check.py --configs=cityscapes`: whether the documented batch fits each slice;
+add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -8,6 +8,18 @@ Expected (SSSegmentation `mcibi_deeplabv3_r50_cocostuff10k`): 38.84 mIoU on the 
 test split single-scale, 39.78 with `:ms_flip` (scales 0.5-1.5 and flip). About 62k steps
 (562 per epoch on 8 devices). lr 0.001, weight decay 1e-4, memory base_lr 0.0009 (the memory
 momentum starts at 1.0), no memory loss.
+
+On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
+float32):
+
+    python -m memseg_jax.main --config=configs/cocostuff10k.py --workdir=/ckpt/mcibi_r50_cocostuff10k \
+        --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
+        --config.model.dtype=bfloat16
+
+Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
+`python scripts/aot_check.py --configs=cocostuff10k`: whether the documented batch fits each slice;
+add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -9,6 +9,18 @@ Expected (SSSegmentation `mcibi_deeplabv3_r50_lip`): 53.73 mIoU on LIP validatio
 (952 per epoch on 8 devices). LeakyReLU(0.01) in the head, no memory loss; the train crops are
 a 520 x r square resize (aspect not kept, r in [0.75, 1.25)), flips that swap the left/right
 classes, and rotations; evaluation resizes to 473x473 without keeping the aspect ratio.
+
+On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
+float32):
+
+    python -m memseg_jax.main --config=configs/lip.py --workdir=/ckpt/mcibi_r50_lip \
+        --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
+        --config.model.dtype=bfloat16
+
+Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
+`python scripts/aot_check.py --configs=lip`: whether the documented batch fits each slice;
+add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
 """
 
 from memseg_jax.config_validation import load_sibling_config

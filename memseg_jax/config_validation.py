@@ -11,12 +11,17 @@ message is one line that names the key, the value and what would be accepted, e.
     config.train.batch_size=7 is not divisible by the 8 devices
 
 `memseg_jax.main` prints that line and exits with status 1. Values that only the data pipeline
-can judge (a dataset not prepared yet) are reported by the pipeline itself.
+can judge (a dataset not prepared yet) are reported by the pipeline itself;
+`check_num_classes(config)` compares config.model.num_classes with the dataset's classes (the
+trainer calls it first; evaluation after the checkpoint's own shapes were checked, so that a
+checkpoint of another class count is reported as such).
 """
 
 import importlib.util
 import os
 from typing import Any, Sequence
+
+from memseg_jax.errors import UserError
 
 KNOWN_DATASETS = ('ade20k', 'cityscapes', 'lip', 'cocostuff10k', 'synthetic_scenes')
 HEAD_TYPES = ('aspp', 'ppm')
@@ -27,7 +32,7 @@ CONV_IMPLS = ('auto', 'native', 'taps')
 INFERENCE_MODES = ('whole', 'slide')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value that cannot work; the message names the key."""
 
 
@@ -153,6 +158,8 @@ def validate(config, num_devices: int = 1) -> None:
   _positive_sequence(config, 'model.head.dilations')
   _positive_sequence(config, 'model.head.pool_scales')
   _number(config, 'model.head.dropout', non_negative=True, at_most=1)
+  if 'downsample_backbone_stride' in _get(config, 'model.head'):
+    _number(config, 'model.head.downsample_backbone_stride', positive=True, integer=True)
   if _get(config, 'model.auxiliary.enabled'):
     _number(config, 'model.auxiliary.channels', positive=True, integer=True)
     _number(config, 'model.auxiliary.dropout', non_negative=True, at_most=1)
@@ -219,3 +226,13 @@ def validate(config, num_devices: int = 1) -> None:
   _size_pair(config, 'inference.stride')
   _number(config, 'inference.windows_per_call', positive=True, integer=True)
   _positive_sequence(config, 'inference.scales')
+
+
+def check_num_classes(config) -> None:
+  """ConfigError unless config.model.num_classes is the class count of config.data.name."""
+  from memseg_jax import datasets  # pylint: disable=import-outside-toplevel
+  k = int(config.model.num_classes)
+  info = datasets.get_dataset_info(config.data.name)
+  if info.num_classes != k:
+    raise ConfigError(f'config.model.num_classes={k} but dataset {config.data.name!r} has '
+                      f'{info.num_classes} classes')

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memseg_jax import errors
 from memseg_jax.models import build_model
 
 _LEAF_NAMES = {
@@ -212,27 +213,38 @@ def convert_imagenet(state_dict: Mapping[str, Any], config) -> Dict[str, Any]:
   return _convert(state_dict, expected, 'the ImageNet checkpoint')
 
 
+# ------------------------------------------------------------------------------- files
+class ConversionError(errors.UserError, ValueError):
+  """A PyTorch checkpoint that cannot be read or does not fit the config (message names it)."""
+
+
 def _read_torch_file(path: str):
-  import torch  # the 'torch' extra; only conversion needs it
+  """The unpickled .pth; FileNotFoundError / ConversionError (one line) when it cannot be."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'PyTorch checkpoint not found: {path}')
   try:
-    return torch.load(path, map_location='cpu', weights_only=False)
+    import torch  # the 'torch' extra; only conversion needs it
+  except ImportError:
+    raise ConversionError('reading a PyTorch checkpoint needs torch: pip install '
+                          '"memseg_jax[torch]"') from None
+  try:
+    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'cannot read PyTorch checkpoint {path}: {e}') from e
+    raise ConversionError(f'cannot read PyTorch checkpoint {path}: {errors.one_line(e)}') from None
+  if not isinstance(checkpoint, Mapping):
+    raise ConversionError(f'{path}: expected a dict (state_dict or {{"model": state_dict}}), '
+                          f'got {type(checkpoint).__name__}')
+  return checkpoint
 
 
 def load_ssseg_checkpoint(path: str, config) -> Dict[str, Any]:
   """Reads an SSSegmentation .pth ({'model': state_dict, ...} or a bare state_dict) and converts it."""
   checkpoint = _read_torch_file(path)
-  if not isinstance(checkpoint, Mapping):
-    raise ValueError(f'{path}: expected a dict (state_dict or {{"model": state_dict}}), '
-                     f'got {type(checkpoint).__name__}')
   state_dict = checkpoint.get('model', checkpoint)
   try:
     return convert_ssseg_state_dict(state_dict, config)
   except ValueError as e:
-    raise ValueError(f'{path}: {e}') from e
+    raise ConversionError(f'{path}: {e}') from None
 
 
 def load_imagenet_checkpoint(path: str, config) -> Dict[str, Any]:
@@ -241,7 +253,7 @@ def load_imagenet_checkpoint(path: str, config) -> Dict[str, Any]:
   try:
     return convert_imagenet(checkpoint, config)
   except ValueError as e:
-    raise ValueError(f'{path}: {e}') from e
+    raise ConversionError(f'{path}: {e}') from None
 
 
 def save_variables(path: str, variables: Mapping[str, Any], overwrite: bool = False) -> str:
@@ -249,8 +261,11 @@ def save_variables(path: str, variables: Mapping[str, Any], overwrite: bool = Fa
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, jax.tree_util.tree_map(np.asarray, dict(variables)), force=overwrite)
-  checkpointer.wait_until_finished()
+  try:
+    checkpointer.save(path, jax.tree_util.tree_map(np.asarray, dict(variables)), force=overwrite)
+    checkpointer.wait_until_finished()
+  finally:
+    checkpointer.close()
   return path
 
 
@@ -261,19 +276,31 @@ def restore_variables(path: str, target: Any = None) -> Dict[str, Any]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'converted checkpoint not found: {path}')
   checkpointer = ocp.StandardCheckpointer()
-  if target is None:
-    return checkpointer.restore(path)
-  return checkpointer.restore(path, target)
+  try:
+    return checkpointer.restore(path) if target is None else checkpointer.restore(path, target)
+  finally:
+    checkpointer.close()     # no orbax thread outlives the call, also when it fails
+
+
+def convert_file(torch_checkpoint: str, config, output: str, *, imagenet: bool = False,
+                 overwrite: bool = False) -> Tuple[str, Dict[str, Any]]:
+  """What `python -m memseg_jax.convert` does: (output path, variables); errors name the file."""
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not overwrite:
+    raise ConversionError(f'--output={output} already exists (pass --overwrite to replace it)')
+  if imagenet:
+    variables = load_imagenet_checkpoint(torch_checkpoint, config)
+  else:
+    variables = load_ssseg_checkpoint(torch_checkpoint, config)
+  return save_variables(output, variables, overwrite=overwrite), variables
 
 
 def main(argv):
-  del argv
-  config = _CONFIG.value
-  if _IMAGENET.value:
-    variables = load_imagenet_checkpoint(_TORCH_CHECKPOINT.value, config)
-  else:
-    variables = load_ssseg_checkpoint(_TORCH_CHECKPOINT.value, config)
-  path = save_variables(_OUTPUT.value, variables, overwrite=_OVERWRITE.value)
+  """The program (through `errors.run_program`: bad input ends it with one `error:` line)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  path, variables = convert_file(_TORCH_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value,
+                                 imagenet=_IMAGENET.value, overwrite=_OVERWRITE.value)
   count = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables))
   print(f'wrote {count:,} values ({", ".join(sorted(variables))}) to {path}')
 
@@ -291,4 +318,4 @@ if __name__ == '__main__':
                                 'the file is an open-mmlab ImageNet ResNet-v1c backbone')
   _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'replace an existing output directory')
   flags.mark_flags_as_required(['config', 'torch_checkpoint', 'output'])
-  app.run(main)
+  errors.run_program(main)

@@ -34,6 +34,8 @@ from typing import Callable, Optional
 
 from absl import logging
 
+from memseg_jax.errors import UserError
+
 ENV_COORDINATOR = 'MEMSEG_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'MEMSEG_NUM_PROCESSES'
 ENV_PROCESS_ID = 'MEMSEG_PROCESS_ID'
@@ -42,7 +44,7 @@ ENV_AUTO = 'MEMSEG_DISTRIBUTED'
 _METADATA_URL = 'http://{host}/computeMetadata/v1/instance/attributes/{key}'
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError, ValueError):
   """Incomplete or invalid multi-process settings; the message names the flag / variable."""
 
 

@@ -454,12 +454,9 @@ def _predict_and_count(scores, label, *, num_classes: int, ignore_index: int):
 
 def dataset_metadata(config):
   """(class_names, palette (K, 3) uint8) of `config.data.name`, from memseg_jax.datasets."""
-  from memseg_jax import datasets  # pylint: disable=import-outside-toplevel
+  from memseg_jax import config_validation, datasets  # pylint: disable=import-outside-toplevel
+  config_validation.check_num_classes(config)
   info = datasets.get_dataset_info(config.data.name)
-  k = int(config.model.num_classes)
-  if info.num_classes != k:
-    raise ValueError(f'config.model.num_classes={k} but dataset {config.data.name!r} has '
-                     f'{info.num_classes} classes')
   return list(info.class_names), np.asarray(info.palette, np.uint8).reshape(-1, 3)
 
 
@@ -633,10 +630,12 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   """`main --mode=eval`: evaluates config.eval.checkpoint or the latest checkpoint in `workdir`.
 
   `config.eval.checkpoint` may be a converted checkpoint (`python -m memseg_jax.convert`), a
-  training checkpoints folder or one of its step folders. Restoring needs the TrainState
-  structure of the config, which lives in train.py, so this delegates to
-  `train.evaluate_checkpoint` (which restores via checkpoint.load_eval_variables and calls
-  `evaluate`).
+  training workdir, its checkpoints folder or one of its step folders. Only the model's
+  variables are restored (`checkpoint.load_eval_variables`: shapes from the model's init, a
+  partial restore), so no optimizer or TrainState is built and a checkpoint of any optimizer
+  evaluates. The workdir (where eval_results.json goes) is checked for writing first.
   """
-  from memseg_jax import train  # pylint: disable=import-outside-toplevel
-  return train.evaluate_checkpoint(config, workdir)
+  from memseg_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  workdir = checkpoint.check_writable(workdir)
+  variables, step = checkpoint.load_eval_variables(config, workdir)
+  return evaluate(config, variables, workdir, step=step)

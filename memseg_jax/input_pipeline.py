@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from memseg_jax import datasets
 from memseg_jax import transforms
+from memseg_jax.config_validation import ConfigError
 
 
 def _single_threaded_opencv(data_config):
@@ -75,8 +76,8 @@ def _split_files(builder, name: str, split: str) -> _SplitFiles:
   paths, lengths = [], []
   for part in split.split('+'):
     if part not in builder.info.splits:
-      raise ValueError(f'dataset {name!r} has no split {part!r}; it has '
-                       f'{sorted(builder.info.splits)}')
+      raise ConfigError(f'dataset {name!r} has no split {part!r} (config.data.train_split / '
+                        f'eval_split); it has {sorted(builder.info.splits)}')
     info = builder.info.splits[part]
     paths += [os.path.join(builder.data_dir, f) for f in info.filenames]
     lengths += list(info.shard_lengths)
@@ -155,8 +156,8 @@ def iterations_per_epoch(config, num_devices: int) -> int:
   n = get_num_train_examples(config)
   per_device = config.train.batch_size // num_devices
   if per_device < 1:
-    raise ValueError(f'train.batch_size {config.train.batch_size} < number of devices '
-                     f'{num_devices}')
+    raise ConfigError(f'config.train.batch_size={config.train.batch_size} < number of devices '
+                      f'{num_devices}')
   return max(1, math.ceil(n / num_devices) // per_device)
 
 
@@ -183,12 +184,12 @@ def train_records(config, *, process_index: int = 0, process_count: int = 1,
   files = _split_files(builder, d.name, d.train_split)
   paths, n_p, record_shard = _process_part(files, process_index, process_count)
   if n_p == 0:
-    raise ValueError(f'process {process_index} of {process_count} has no training example '
-                     f'({files.num_examples} in split {d.train_split!r})')
+    raise ConfigError(f'process {process_index} of {process_count} has no training example '
+                      f'({files.num_examples} in split config.data.train_split={d.train_split!r})')
   b_host = config.train.batch_size // process_count
   if b_host < 1 or config.train.batch_size % process_count:
-    raise ValueError(f'train.batch_size {config.train.batch_size} is not a multiple of the '
-                     f'process count {process_count}')
+    raise ConfigError(f'config.train.batch_size={config.train.batch_size} is not a multiple of '
+                      f'the process count {process_count}')
   seed = int(config.seed)
   shuffle_buffer = int(d.shuffle_buffer)
   paths_t = tf.constant(paths)
@@ -404,7 +405,7 @@ def build_eval_dataset(config, *, process_index: int = 0, process_count: int = 1
     part = part.batch(b_host, drop_remainder=True)
     ds = part if ds is None else ds.concatenate(part)
   if ds is None:
-    raise ValueError(f'eval split {d.eval_split!r} of {d.name!r} is empty')
+    raise ConfigError(f'eval split config.data.eval_split={d.eval_split!r} of {d.name!r} is empty')
   ds = ds.prefetch(2).with_options(_options(num_threads))
   return ds, plan
 

@@ -11,9 +11,18 @@ from typing import Dict
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memseg_jax import ops
 from memseg_jax.models import memory as memory_lib
+
+
+# Elements of one block of upsampled logits (B x rows x W x K float32) in `cross_entropy`.
+_CE_BLOCK_ELEMENTS = 1 << 24
+
+
+def _ce_block_rows(b: int, h: int, w: int, k: int) -> int:
+  return max(1, min(h, _CE_BLOCK_ELEMENTS // max(b * w * k, 1)))
 
 
 def cross_entropy(logits, labels, ignore_index: int = 255):
@@ -22,14 +31,52 @@ def cross_entropy(logits, labels, ignore_index: int = 255):
   Args:
     logits: (B, h, w, K) logits at any resolution.
     labels: (B, H, W) integer labels; `ignore_index` marks pixels without a label.
+
+  The logits are upsampled to the label size (`ops.resize_bilinear`'s weights, rows then
+  columns) one block of rows at a time, and the block's cross-entropy is recomputed in the
+  backward pass (`jax.checkpoint` inside a `lax.scan`): the (B, H, W, K) float32 logits and
+  their gradient never exist whole. At 512x512 with 150 classes they would be 0.6 GiB per
+  4 images and per head, live at the memory peak of the train step (the start of the backward
+  pass). The arithmetic per pixel is that of upsampling everything first; only the order of
+  the final sum over pixels differs.
   """
-  logits = ops.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])   # (B, H, W, K)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  valid = labels != ignore_index
-  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
-  nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
-  count = jnp.sum(valid)
-  total = jnp.sum(jnp.where(valid, nll, 0.0))
+  logits = logits.astype(jnp.float32)
+  b, h, w, k = logits.shape
+  out_h, out_w = labels.shape[1:3]
+  rows = _ce_block_rows(b, out_h, out_w, k)
+  blocks = -(-out_h // rows)
+  padded = blocks * rows
+  i0, i1, lam = ops.resize_taps(h, out_h)
+  if h == out_h:     # resize_bilinear's identity
+    i0 = i1 = np.arange(out_h)
+    lam = np.zeros(out_h, np.float32)
+  pad = padded - out_h
+  # Rows past the label's read row 0 with weight 0 and carry the ignore label.
+  row_tables = (np.pad(i0, (0, pad)).reshape(blocks, rows).astype(np.int32),
+                np.pad(i1, (0, pad)).reshape(blocks, rows).astype(np.int32),
+                np.pad(lam, (0, pad)).reshape(blocks, rows).astype(np.float32))
+  labels = jnp.pad(labels, ((0, 0), (0, pad), (0, 0)), constant_values=ignore_index)
+  labels = labels.reshape(b, blocks, rows, out_w).transpose(1, 0, 2, 3)     # (n, B, rows, W)
+
+  @jax.checkpoint
+  def block_sum(logits, r0, r1, rl, block_labels):
+    x = (jnp.take(logits, r0, axis=1) * (1 - rl[None, :, None, None])
+         + jnp.take(logits, r1, axis=1) * rl[None, :, None, None])         # (B, rows, w, K)
+    x = ops.resize_bilinear_axis(x, 2, out_w)                               # (B, rows, W, K)
+    log_probs = jax.nn.log_softmax(x, axis=-1)
+    valid = block_labels != ignore_index
+    safe = jnp.where(valid, block_labels, 0).astype(jnp.int32)
+    nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+  def body(carry, xs):
+    total, count = carry
+    block_total, block_count = block_sum(logits, *xs)
+    return (total + block_total, count + block_count), None
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  (total, count), _ = jax.lax.scan(body, init, tuple(jnp.asarray(t) for t in row_tables)
+                                   + (labels,))
   return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
 
 

@@ -16,16 +16,21 @@ status 0; starting the same command again resumes from it. The workdir may be `g
 
 `--mode=train` trains (resuming from the workdir's latest checkpoint) and, when
 config.train.final_eval is set, evaluates at the end; `--mode=eval` evaluates
-config.eval.checkpoint or the latest checkpoint of the workdir. The config is validated before
-anything is compiled; a wrong value, a dataset that is not prepared or a checkpoint that does
-not fit the config ends the run with one message and exit status 1 (no traceback).
+config.eval.checkpoint or the latest checkpoint of the workdir (`evaluate.evaluate_checkpoint`,
+which restores only the model's variables: no optimizer, no TrainState). The config is
+validated and the workdir checked for writing before anything is compiled. Bad input (an
+unknown flag or config key, a wrong value, a dataset that is not prepared, a checkpoint that
+does not fit the config, a workdir that cannot be written, a checkpoint write that fails) ends
+the run with one `error: ...` line and a non-zero exit status, without a traceback
+(`memseg_jax.errors`).
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from memseg_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'config file (configs/*.py); override values with --config.x.y=value',
@@ -40,19 +45,6 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'multi-process runs: number of processes (or env MEMSEG_NUM_PROCESSES)')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'multi-process runs: this process, 0..N-1 (or env MEMSEG_PROCESS_ID)')
-
-
-def _user_errors():
-  """Exceptions that mean bad input (config, data, checkpoint), reported as one message."""
-  from memseg_jax import checkpoint, config_validation, train  # pylint: disable=import-outside-toplevel
-  errors = [config_validation.ConfigError, checkpoint.CheckpointMismatchError,
-            train.NonFiniteLossError, FileNotFoundError]
-  try:
-    from memseg_jax.datasets import PreparationError  # pylint: disable=import-outside-toplevel
-    errors.append(PreparationError)
-  except ImportError:
-    pass
-  return tuple(errors)
 
 
 def _prepare_synthetic_data(config):
@@ -83,45 +75,71 @@ def enable_compilation_cache():
 
 
 def run(config, workdir: str, mode: str = 'train'):
-  """Validates `config`, then trains or evaluates (library entry, also used by tests)."""
+  """Validates `config`, then trains or evaluates (library entry, also used by the notebook).
+
+  Bad input raises a `memseg_jax.errors.UserError` (or an OSError) with a one-line message.
+  """
   import jax  # pylint: disable=import-outside-toplevel
-  from memseg_jax import config_validation  # pylint: disable=import-outside-toplevel
+  from memseg_jax import checkpoint, config_validation  # pylint: disable=import-outside-toplevel
   config_validation.validate(config, jax.device_count())
-  from memseg_jax import input_pipeline, train  # pylint: disable=import-outside-toplevel
+  from memseg_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   # tf.data must not grab the accelerators JAX uses.
   input_pipeline.hide_accelerators_from_tf()
   if mode == 'eval':
-    return train.evaluate_checkpoint(config, workdir)
+    from memseg_jax import evaluate  # pylint: disable=import-outside-toplevel
+    return evaluate.evaluate_checkpoint(config, workdir)
+  config_validation.check_num_classes(config)
+  # Before the dataset is generated: an unwritable workdir should fail in seconds.
+  checkpoint.check_writable(workdir)
   _prepare_synthetic_data(config)
+  from memseg_jax import train  # pylint: disable=import-outside-toplevel
   return train.train_and_evaluate(config, workdir)
 
 
+def out_of_memory_message(config, error: BaseException, mode: str = 'train') -> str:
+  """The one-line message for a RESOURCE_EXHAUSTED `error` (memseg_jax.resources)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from memseg_jax import resources  # pylint: disable=import-outside-toplevel
+  needed, available = resources.parse_out_of_memory(str(error))
+  if available is None:
+    try:
+      available = jax.local_devices()[0].memory_stats().get('bytes_limit')
+    except Exception:  # pylint: disable=broad-except
+      available = None
+  batch = config.train.batch_size if mode == 'train' else config.eval.batch_size
+  per_device = max(int(batch) // max(jax.device_count(), 1), 1)
+  try:
+    name = config_flags.get_config_filename(flags.FLAGS['config'])
+  except Exception:  # pylint: disable=broad-except
+    name = f'the {config.data.name} config'
+  return resources.out_of_memory_message(
+      name, per_device, needed, available, dtype=config.model.dtype,
+      has_remat='remat' in config.model,
+      what='the train step' if mode == 'train' else 'the evaluation')
+
+
 def main(argv):
+  """The program (run through `errors.run_program`, which reports bad input in one line)."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None or not _WORKDIR.value:
-    print('error: --config and --workdir are required', file=sys.stderr)
-    sys.exit(2)
+    raise app.UsageError('--config and --workdir are required')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   logging.set_verbosity(logging.INFO)
   from memseg_jax import distributed  # pylint: disable=import-outside-toplevel
-  try:
-    # Before any other JAX call: the backend must see the whole cluster.
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except distributed.DistributedConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-  # orbax reports every checkpoint write at INFO; keep the log to the training's own lines.
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= logging.converter.STANDARD_WARNING
-      or '/orbax/' not in record.pathname)
+  # Before any other JAX call: the backend must see the whole cluster.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  errors.quiet_orbax_logs()
   enable_compilation_cache()
+  from memseg_jax import resources  # pylint: disable=import-outside-toplevel
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  except _user_errors() as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    if not resources.is_resource_exhausted(e):
+      raise
+    # Device memory: what does not fit, by how much, and what to change (no traceback).
+    errors.fail(out_of_memory_message(_CONFIG.value, e, _MODE.value))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run_program(main)

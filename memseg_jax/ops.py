@@ -76,6 +76,11 @@ def _resize_axis(x, axis: int, out_size: int, align_corners: bool,
   return x0 * (1 - lam1) + x1 * lam1
 
 
+def resize_bilinear_axis(x, axis: int, out_size: int, *, align_corners: bool = False):
+  """`resize_bilinear` along one axis only (the same weights and arithmetic)."""
+  return _resize_axis(x, axis, out_size, align_corners, None)
+
+
 def resize_bilinear(x, size: Optional[Sequence[int]] = None, *, scale_factor: Optional[float] = None,
                     align_corners: bool = False):
   """Bilinear resize of an NHWC (or HWC) array like `F.interpolate(mode='bilinear')`.

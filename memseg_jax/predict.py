@@ -13,20 +13,29 @@ the inputs' relative folder layout:
     NAME_overlay.png  [original image | mask blended over it]
 
 --checkpoint is a converted checkpoint (`python -m memseg_jax.convert`), a training workdir,
-its `checkpoints` folder or one step folder of it.
+its `checkpoints` folder or one step folder of it. Only the model's variables are restored
+(`checkpoint.restore_eval_variables`); nothing of the trainer is built. Bad input (no images, a
+checkpoint that is missing or of another config, an image that cannot be decoded, an output
+folder that cannot be written) ends the program with one `error: ...` line, naming it, before
+anything is compiled.
 """
 
 import glob
 import os
-import sys
 from typing import Dict, List, Sequence, Tuple
 
 from absl import app
 import jax
 import numpy as np
 
+from memseg_jax import errors
 from memseg_jax import evaluate
 from memseg_jax import visualize
+from memseg_jax.errors import UserError
+
+class ImageError(UserError, ValueError):
+  """An input image that cannot be decoded (the message names the file)."""
+
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm')
 
@@ -45,13 +54,13 @@ def find_images(pattern: str) -> List[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-  """(H, W, 3) uint8 RGB; ValueError naming the file if it cannot be decoded."""
+  """(H, W, 3) uint8 RGB; ImageError naming the file if it cannot be decoded."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   try:
     with Image.open(path) as image:
       return np.asarray(image.convert('RGB'))
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'cannot read image {path}: {e}') from e
+    raise ImageError(f'cannot read image {path}: {errors.one_line(e)}') from None
 
 
 def preprocess(image: np.ndarray, data_config) -> np.ndarray:
@@ -66,18 +75,23 @@ def preprocess(image: np.ndarray, data_config) -> np.ndarray:
 
 
 def load_variables(config, checkpoint_path: str) -> Dict:
-  """Variables from a converted or training checkpoint (see checkpoint.load_eval_variables)."""
-  from memseg_jax import checkpoint, schedules, train  # pylint: disable=import-outside-toplevel
+  """Host variables of a converted or training checkpoint (checkpoint.restore_eval_variables)."""
+  from memseg_jax import checkpoint  # pylint: disable=import-outside-toplevel
   if not os.path.exists(checkpoint_path):
     raise FileNotFoundError(f'--checkpoint: no such file or directory: {checkpoint_path}')
-  config = config.copy_and_resolve_references()
-  config.eval.checkpoint = os.path.abspath(checkpoint_path)
-  config.model.backbone.pretrained = ''   # shapes only; never read the ImageNet file here
-  mesh = train.create_mesh(jax.local_devices()[:1])
-  tx = train.create_optimizer(config, schedules.create_lr_schedule(config, 1))
-  abstract = train.abstract_train_state(config, tx, mesh)
-  variables, _ = checkpoint.load_eval_variables(config, config.eval.checkpoint, abstract)
-  return jax.tree_util.tree_map(np.asarray, variables)
+  variables, _ = checkpoint.restore_eval_variables(os.path.abspath(checkpoint_path), config)
+  return variables
+
+
+def check_images(paths: Sequence[str]) -> None:
+  """ImageError naming the first file PIL cannot open (header check; cheap, before compiling)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  for path in paths:
+    try:
+      with Image.open(path) as image:
+        image.verify()
+    except Exception as e:  # pylint: disable=broad-except
+      raise ImageError(f'cannot read image {path}: {errors.one_line(e)}') from None
 
 
 def _output_paths(paths: Sequence[str], output_dir: str) -> List[Tuple[str, str]]:
@@ -116,19 +130,29 @@ def predict_images(config, variables, paths: Sequence[str], output_dir: str,
   return outputs
 
 
+def run(config, checkpoint_path: str, input_pattern: str, output_dir: str,
+        progress: bool = True) -> List[Tuple[str, str]]:
+  """What `python -m memseg_jax.predict` does (library entry): masks and overlays of the images.
+
+  Every input is checked before anything is compiled: the images (found, decodable), the
+  output folder (writable), the checkpoint (present, of this config's model).
+  """
+  from memseg_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  paths = find_images(input_pattern)
+  check_images(paths)
+  output_dir = checkpoint.check_writable(os.path.abspath(output_dir), '--output')
+  variables = load_variables(config, checkpoint_path)
+  evaluate.dataset_metadata(config)     # a class count that differs from the dataset's
+  return predict_images(config, variables, paths, output_dir, progress=progress)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _INPUT.value or not _OUTPUT.value:
     raise app.UsageError('--config, --checkpoint, --input and --output are required')
-  try:
-    paths = find_images(_INPUT.value)
-    variables = load_variables(config, _CHECKPOINT.value)
-    outputs = predict_images(config, variables, paths, os.path.abspath(_OUTPUT.value))
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  outputs = run(config, _CHECKPOINT.value, _INPUT.value, _OUTPUT.value)
   print(f'wrote {len(outputs)} masks and overlays to {os.path.abspath(_OUTPUT.value)}')
 
 
@@ -142,4 +166,4 @@ if __name__ == '__main__':
   _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'converted or training checkpoint dir')
   _INPUT = flags.DEFINE_string('input', None, 'image directory or glob pattern')
   _OUTPUT = flags.DEFINE_string('output', None, 'output directory')
-  app.run(main)
+  errors.run_program(main)

@@ -15,10 +15,14 @@ The memory update runs inside the forward (`model.apply(..., mutable=['memory'])
 losses and the gradient step, like the reference. The memory loss needs a separately compiled
 step (a Python bool), selected per step by the epoch.
 
-The loop (`train_and_evaluate`) resumes from the latest checkpoint of the workdir (the data
-stream restarts at the checkpoint's step), logs every loss term, lr, memory momentum, steps/s,
-images/s and the ETA, checkpoints every `config.train.checkpoint_every_steps` and at the end,
-stops at the first non-finite loss without saving that state, and evaluates at the end.
+The loop (`train_and_evaluate`) checks that the workdir can be written, resumes from the
+latest checkpoint of the workdir (the data stream restarts at the checkpoint's step), logs
+every loss term, lr, memory momentum, steps/s, images/s and the ETA, checkpoints every
+`config.train.checkpoint_every_steps` and at the end, stops at the first non-finite loss
+without saving that state (NonFiniteLossError) or at a checkpoint write that failed
+(checkpoint.CheckpointWriteError, the previous checkpoint kept), and evaluates at the end
+through `evaluate.evaluate` (evaluation never needs the trainer: `--mode=eval` is
+`evaluate.evaluate_checkpoint`).
 
 Multi-host runs (one process per host, `memseg_jax.distributed`): the mesh spans the devices of
 all processes, each process feeds its own part of every global batch (`shard_batch`), and the
@@ -49,15 +53,17 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memseg_jax import checkpoint as ckpt_lib
+from memseg_jax import evaluate
 from memseg_jax import losses as losses_lib
 from memseg_jax import schedules
+from memseg_jax.errors import UserError
 from memseg_jax.models import build_model
 from memseg_jax.models import memory as memory_lib
 
 AXIS = 'data'
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
 
 
@@ -311,11 +317,6 @@ class _MetricsLog:
 
 
 def _run_evaluation(config, state: TrainState, workdir: str, mesh, step: int, writer):
-  try:
-    from memseg_jax import evaluate  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    logging.warning('evaluation skipped: memseg_jax.evaluate is not available (%s)', e)
-    return None
   # evaluate() writes its scalars and summary images through the writer itself.
   results = evaluate.evaluate(config, state.variables(), workdir, mesh=mesh, step=step,
                               writer=writer)
@@ -323,6 +324,29 @@ def _run_evaluation(config, state: TrainState, workdir: str, mesh, step: int, wr
                results.get('mIoU', float('nan')), results.get('mAcc', float('nan')),
                results.get('aAcc', float('nan')))
   return results
+
+
+def _resume(config, manager, tx, mesh, dataset_fn):
+  """(start step, this process's batches from it, the state): the latest checkpoint or step 0."""
+  from memseg_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  start_step = manager.latest_step() or 0
+  # The data first: a missing dataset should fail before anything is compiled.
+  if dataset_fn is None:
+    dataset = input_pipeline.create_train_dataset(
+        config, process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step)
+  else:
+    dataset = dataset_fn(start_step)
+  abstract = _abstract_state_without_pretrained(config, tx, mesh)
+  state = ckpt_lib.restore_latest(manager, abstract, config)
+  if state is None:
+    state = replicate(create_train_state(config, jax.random.PRNGKey(config.seed), tx), mesh)
+  else:
+    logging.info('resuming from the checkpoint of step %d in %s', start_step, manager.directory)
+  if int(state.step) != start_step:
+    raise ckpt_lib.CheckpointError(f'checkpoint {start_step} in {manager.directory} holds step '
+                                   f'{int(state.step)}')
+  return start_step, dataset, state
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = None,
@@ -337,7 +361,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
   from memseg_jax import input_pipeline  # pylint: disable=import-outside-toplevel
 
-  workdir = ckpt_lib.absolute_path(workdir)
+  workdir = ckpt_lib.check_writable(workdir)   # before anything is read or compiled
   mesh = create_mesh()
   num_devices = jax.device_count()
   ipe = input_pipeline.iterations_per_epoch(config, num_devices)
@@ -347,22 +371,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   tx = create_optimizer(config, lr_schedule)
 
   manager = ckpt_lib.create_manager(workdir, config)
-  start_step = manager.latest_step() or 0
-  # The data first: a missing dataset should fail before anything is compiled.
-  if dataset_fn is None:
-    dataset = input_pipeline.create_train_dataset(
-        config, process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step)
-  else:
-    dataset = dataset_fn(start_step)
-  abstract = _abstract_state_without_pretrained(config, tx, mesh)
-  state = ckpt_lib.restore_latest(manager, abstract)
-  if state is None:
-    state = replicate(create_train_state(config, jax.random.PRNGKey(config.seed), tx), mesh)
-  else:
-    logging.info('resuming from the checkpoint of step %d in %s', start_step, manager.directory)
-  if int(state.step) != start_step:
-    raise RuntimeError(f'checkpoint {start_step} holds step {int(state.step)}')
+  try:
+    start_step, dataset, state = _resume(config, manager, tx, mesh, dataset_fn)
+  except BaseException:
+    manager.close()        # orbax's threads must not outlive the error
+    raise
 
   save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -382,7 +395,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
                config.train.batch_size, num_devices, workdir)
   log = _MetricsLog()
   pending = None              # (step, metrics) of the last dispatched step, checked lazily
-  last_saved = manager.latest_step()
+  saver = ckpt_lib.Saver(manager)
   t_log, steps_since_log = time.time(), 0
   log_every = int(config.train.log_every_steps)
 
@@ -400,6 +413,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
       use_memory_loss = schedules.use_memory_loss(config, step, ipe)
       new_state, metrics = train_step(use_memory_loss)(state, batch)
       check_pending()          # the previous step, while this one runs
+      saver.poll()             # a checkpoint write that failed in the background stops here
       state, pending = new_state, (step, metrics)
       steps_since_log += 1
       report_progress(step + 1)
@@ -426,8 +440,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
       preempted = watcher.should_stop(done) and not is_last
       if done % int(config.train.checkpoint_every_steps) == 0 or is_last or preempted:
         check_pending()        # never save a state produced by a non-finite loss
-        ckpt_lib.save(manager, done, state)
-        last_saved = done
+        saver.save(done, state)
       if preempted:
         logging.warning('preemption: checkpoint of step %d saved in %s; stopping (the next start '
                         'resumes from it)', done, manager.directory)
@@ -437,28 +450,18 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
         check_pending()
         _run_evaluation(config, state, workdir, mesh, done, writer)
     check_pending()
+    saver.wait()
   except NonFiniteLossError as e:
-    manager.wait_until_finished()
-    kept = f'the last good checkpoint is step {last_saved}' if last_saved else 'no checkpoint kept'
+    saver.wait()
+    kept = (f'the last good checkpoint is step {saver.last_complete}'
+            if saver.last_complete else 'no checkpoint kept')
     raise NonFiniteLossError(f'{e}; training stopped ({kept} in {manager.directory})') from None
   finally:
     watcher.close()
-    manager.wait_until_finished()
+    saver.close()          # also on the error paths: orbax's threads must not outlive the run
     writer.flush()
 
   if last_step == total_steps and config.train.final_eval and not preempted:
     _run_evaluation(config, state, workdir, mesh, int(state.step), writer)
     writer.flush()
-  manager.close()
   return state
-
-
-def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
-  """--mode=eval: evaluates config.eval.checkpoint or the latest checkpoint of the workdir."""
-  from memseg_jax import evaluate  # pylint: disable=import-outside-toplevel
-  mesh = create_mesh()
-  tx = create_optimizer(config, schedules.create_lr_schedule(config, 1))
-  abstract = _abstract_state_without_pretrained(config, tx, mesh)
-  variables, step = ckpt_lib.load_eval_variables(config, workdir, abstract)
-  return evaluate.evaluate(config, variables, ckpt_lib.absolute_path(workdir), mesh=mesh,
-                           step=None if step < 0 else step)

@@ -14,8 +14,9 @@ Two backends for the pixel arithmetic (`backend` argument, `config.data.backend`
   benchmark in scripts/bench_input_pipeline.py), but not serialisable (no tf.data service).
 - 'tf': pure TF ops. The image resize is TF's `ScaleAndTranslate` with a tent kernel
   (OpenCV's clamped half-pixel bilinear; OpenCV's 11-bit fixed point makes ~10% of pixels
-  differ by 1) computed only on the crop window; the HSV steps use an integer emulation of
-  OpenCV's 8-bit RGB->HSV (exact) and HSV->RGB (within 1).
+  differ by 1) computed only on the crop window; the HSV steps emulate OpenCV's 8-bit RGB->HSV
+  (exact) and HSV->RGB (exact for OpenCV 4.14 and 5.1 on an AVX-512 CPU; OpenCV 5.0, or a CPU
+  without AVX-512, rounds the last pixels of some rows 1 lower: see `cv2_hsv2rgb`).
 Label resizing, crop choice, flip, rotation, normalisation and padding are TF ops in both.
 
 Faithfulness notes:
@@ -344,13 +345,29 @@ def cv2_rgb2hsv(image):
   return tf.stack([h, s, v], axis=-1)
 
 
-def cv2_hsv2rgb(hsv):
-  """`cv2.cvtColor(uint8 hsv, COLOR_HSV2RGB)` up to 1 per channel.
+# OpenCV's 8-bit HSV->RGB (`HSV2RGB_b` in modules/imgproc/src/color_hsv.simd.hpp, the same
+# arithmetic in 4.14, 5.0 and 5.1) splits every image row in two: whole blocks of 4 float32 SIMD
+# vectors go through the vectorised code, which truncates the result to uint8; the row's last
+# (width % block) pixels go through the scalar code, which rounds to nearest (`saturate_cast`).
+# The block is 4 vectors of the instruction set OpenCV dispatches that file to: on this
+# project's machines (x86-64 with AVX-512) 64 pixels with the 4.14 and 5.1 wheels (AVX-512) and
+# 32 with the 5.0 wheels (AVX2); from the source, 32 on any CPU without AVX-512 and 16 with
+# SSE or NEON. That block is the whole difference between versions and machines: given it,
+# `cv2_hsv2rgb` reproduces OpenCV exactly (measured over all 2^24 HSV values with 4.14, 5.0 and
+# 5.1; tests/test_transforms.py checks every H < 180 against the installed one). The TF backend
+# follows the newest, OpenCV 5.1 on an AVX-512 CPU: 64.
+OPENCV_HSV_BLOCK = 64
 
-  OpenCV's float sector formula with the 8-bit result truncated. OpenCV 5.0's vectorised 8-bit
-  path rounds differently in a few percent of pixels (by 1); 4.x rounded to nearest. Returns
-  float32 with integer values.
+
+def cv2_hsv2rgb(hsv, block=None):
+  """`cv2.cvtColor(uint8 hsv, COLOR_HSV2RGB)`, bit-exact for OpenCV's `block` (see above).
+
+  Args:
+    hsv: (..., W, 3) integer H in [0, 180), S, V in [0, 255]; rows run along axis -2.
+    block: pixels per SIMD block of the OpenCV being followed; default `OPENCV_HSV_BLOCK`.
+  Returns float32 with integer values.
   """
+  block = OPENCV_HSV_BLOCK if block is None else int(block)
   hsv = tf.cast(hsv, tf.float32)
   h = hsv[..., 0] * np.float32(6.0 / 180.0)
   s = hsv[..., 1] * np.float32(1.0 / 255.0)
@@ -359,17 +376,25 @@ def cv2_hsv2rgb(hsv):
   sector = tf.floor(h)
   frac = h - sector
   sector = tf.cast(sector, tf.int32)
-  bad = tf.logical_or(sector < 0, sector >= 6)
-  sector = tf.where(bad, 0, sector)
-  frac = tf.where(bad, 0.0, frac)
-  tab = tf.stack([v, v * (1.0 - s), v * (1.0 - s * frac), v * (1.0 - s * (1.0 - frac))], -1)
+
+  def one_minus(a, b):
+    # OpenCV's builds contract v * (1 - a * b) into a fused multiply-add: 1 - a * b rounded
+    # once. The float32 product is exact in float64; the rounding to float32 then agrees with
+    # the FMA on every 8-bit input (checked exhaustively).
+    a, b = tf.cast(a, tf.float64), tf.cast(b, tf.float64)
+    return tf.cast(1.0 - a * b, tf.float32)
+
+  tab = tf.stack([v, v * (1.0 - s), v * one_minus(s, frac), v * one_minus(s, 1.0 - frac)], -1)
   # OpenCV's sector_data gives (b, g, r) indices into tab for each sector.
   sector_bgr = tf.constant([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]],
                            tf.int32)
   idx = tf.gather(sector_bgr, sector)                                      # (..., 3) b, g, r
   bgr = tf.gather(tab, idx, batch_dims=len(tab.shape) - 1)
-  rgb = tf.where((s == 0.0)[..., None], v[..., None], tf.reverse(bgr, axis=[-1]))
-  return tf.clip_by_value(tf.floor(rgb * 255.0), 0.0, 255.0)
+  rgb = tf.reverse(bgr, axis=[-1]) * 255.0
+  width = tf.shape(hsv)[-2]
+  vectorised = (tf.range(width) < width - width % block)[:, None]           # (W, 1)
+  rgb = tf.where(vectorised, tf.floor(rgb), tf.round(rgb))                 # round: half to even
+  return tf.clip_by_value(rgb, 0.0, 255.0)
 
 
 def _convert(x, alpha=1.0, beta=0.0):
@@ -476,8 +501,8 @@ def apply_photometric(image, p, backend: str = 'auto'):
   `backend`: 'opencv' runs the whole distortion through `tf.numpy_function` with OpenCV
   (exactly the reference's arithmetic, several times faster than the TF ops, but not
   serialisable for tf.data service; returns uint8), 'tf' uses TF ops with an emulation of
-  OpenCV's 8-bit HSV conversion (RGB->HSV exact, HSV->RGB within 1 per channel; returns
-  float32), 'auto' picks 'opencv' when OpenCV is installed.
+  OpenCV's 8-bit HSV conversions (exact for OpenCV's `OPENCV_HSV_BLOCK`-pixel SIMD blocks, see
+  `cv2_hsv2rgb`; returns float32), 'auto' picks 'opencv' when OpenCV is installed.
   """
   backend = resolve_backend(backend)
   if backend == 'opencv':

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --reps_512=2 --reps=3 --slide_image=full  # ~40 min
     python scripts/benchmark.py --skip_reference --skip_slide      # memseg_jax only, quicker
     python scripts/benchmark.py --models=mcibi --train_sizes=512 --reps=5
+    python scripts/benchmark.py --backbone=hrnetv2w48             # HRNet MCIBI: train 128, eval
 
 One run prints one table (every figure side by side: memseg_jax, the reference, their ratio)
 and writes the same numbers as JSON to --output. Cases, for the ADE20K R-50-D8 MCIBI model and
@@ -26,6 +27,11 @@ the DeepLabV3 baseline (150 classes):
   update     the memory update alone at 512x512, batch --update_batch_size, ~30 classes present:
              naive (upsample F to 512x512, then update), fused (`update_memory_fused`), and the
              reference (`F.interpolate` + `FeaturesMemory.update`), with their peak memory.
+
+--backbone picks the model's backbone from `BACKBONES` (name -> config file, reference cfg,
+default cases): 'r50' (the default, above) or 'hrnetv2w48' (the ADE20K HRNetV2p-W48 MCIBI
+config with SSSegmentation 1.7.0's stem ReLU so both sides compute the same numbers; MCIBI only;
+by default the train step at 128x128 and the 512x512 eval forward, no slide case).
 
 Timing: every case runs --warmup untimed calls, then --reps timed calls; the table shows the
 median (JSON: every time, warm-up calls included). The 512x512 train steps take ~30-50 s per
@@ -58,6 +64,7 @@ before and after.
 """
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import json
@@ -79,10 +86,34 @@ SLIDE_CROP = (512, 1024)
 SLIDE_STRIDE = (341, 341)
 
 
+def _hrnet_reference_cfg(model_name):
+  from tests.hrnet_reference import reference_hrnet_cfg  # pylint: disable=import-outside-toplevel
+  del model_name   # MCIBI only
+  return reference_hrnet_cfg('hrnetv2_w48')
+
+
+def _hrnet_config(config):
+  config.model.backbone.stem_relu = True    # SSSegmentation 1.7.0's stem, as the reference
+  return config
+
+
+# --backbone name -> the config file, the reference cfg (per model name), the project config
+# tweak, the models it runs, and the default train sizes and slide case.
+BACKBONES = {
+    'r50': dict(config='ade20k.py', reference=lambda model_name: None, adapt=lambda c: c,
+                models=('mcibi', 'deeplabv3'), train_sizes='128,512', slide=True),
+    'hrnetv2w48': dict(config='ade20k_hrnetv2w48.py', reference=_hrnet_reference_cfg,
+                       adapt=_hrnet_config, models=('mcibi',), train_sizes='128', slide=False),
+}
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--models', default='mcibi,deeplabv3', help='comma list: mcibi, deeplabv3')
-  p.add_argument('--train_sizes', default='128,512', help='square train crop sizes')
+  p.add_argument('--backbone', default='r50', choices=sorted(BACKBONES),
+                 help='the model: backbone of the ADE20K MCIBI config (BACKBONES)')
+  p.add_argument('--train_sizes', default=None,
+                 help="square train crop sizes (default: the backbone's, r50 '128,512')")
   p.add_argument('--batch_size', type=int, default=2,
                  help="train batch (>= 2: the reference's BN on ASPP's pooled branch needs it)")
   p.add_argument('--update_batch_size', type=int, default=2, help='memory update batch')
@@ -213,7 +244,9 @@ class Context:
 
   def config(self, model_name, crop):
     from memseg_jax.config_validation import load_config  # pylint: disable=import-outside-toplevel
-    config = load_config(os.path.join(REPO_ROOT, 'configs', 'ade20k.py'))
+    backbone = BACKBONES[self.args.backbone]
+    config = backbone['adapt'](load_config(os.path.join(REPO_ROOT, 'configs',
+                                                        backbone['config'])))
     config.model.name = model_name
     config.model.dtype = self.args.dtype
     if self.args.naive_update:
@@ -221,6 +254,13 @@ class Context:
     config.train.batch_size = self.args.batch_size
     config.data.crop_size = tuple(crop)
     return config
+
+  def _reference_context(self):
+    """HRNet: the reference's 1.7.0 HRModule needs a workaround to be built (tests/)."""
+    if self.args.backbone.startswith('hrnet'):
+      from tests.hrnet_reference import patched_reference  # pylint: disable=import-outside-toplevel
+      return patched_reference()
+    return contextlib.nullcontext()
 
   def build(self, model_name, mode, images_nchw=None):
     """(reference torch model or None, memseg_jax variables or None) with the same weights.
@@ -234,9 +274,11 @@ class Context:
     from memseg_jax import convert  # pylint: disable=import-outside-toplevel
     ru = self.reference
     if model_name not in self._calibrated:
-      self._calibrated[model_name] = ru.build_reference(
-          ru.reference_cfg(model=model_name), 'TEST', calibration_images=images_nchw,
-          random_memory=True)
+      cfg = (BACKBONES[self.args.backbone]['reference'](model_name)
+             or ru.reference_cfg(model=model_name))
+      with self._reference_context():
+        self._calibrated[model_name] = ru.build_reference(
+            cfg, 'TEST', calibration_images=images_nchw, random_memory=True)
     ref = ru.set_mode(copy.deepcopy(self._calibrated[model_name]), mode)
     config = self.config(model_name, (64, 64))
     variables = convert.convert_ssseg_state_dict(ru.to_numpy_state_dict(ref), config)
@@ -604,13 +646,20 @@ def main(argv=None):
   load_before = _load()
   ctx = Context(args)
   jax = ctx.jax
+  backbone = BACKBONES[args.backbone]
   models = [m for m in args.models.split(',') if m]
+  skipped = [m for m in models if m not in backbone['models']]
+  if skipped:
+    print(f'--backbone={args.backbone}: {", ".join(skipped)} not built for it, skipped',
+          flush=True)
+    models = [m for m in models if m in backbone['models']]
   for m in models:
     if m not in ('mcibi', 'deeplabv3'):
       raise ValueError(f"--models: unknown model {m!r} (expected 'mcibi' or 'deeplabv3')")
-  sizes = [int(s) for s in args.train_sizes.split(',') if s]
+  train_sizes = backbone['train_sizes'] if args.train_sizes is None else args.train_sizes
+  sizes = [int(s) for s in train_sizes.split(',') if s]
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)), '
-        f'{_threads()} CPU threads, load {load_before:.1f}'
+        f'{_threads()} CPU threads, load {load_before:.1f}, backbone {args.backbone}'
         + (f', torch {ctx.torch.__version__} ({ctx.torch.get_num_threads()} threads)'
            if ctx.reference is not None else ''), flush=True)
 
@@ -621,7 +670,7 @@ def main(argv=None):
     cases += [(f'train {m} {size}', bench_train, (m, size)) for size in sizes for m in models]
   if not args.skip_eval:
     cases += [(f'eval {m}', bench_eval, (m,)) for m in models]
-  if not args.skip_slide and 'mcibi' in models:
+  if not args.skip_slide and 'mcibi' in models and backbone['slide']:
     cases.append(('slide mcibi', bench_slide, ('mcibi',)))
   wall = {}
   for name, fn, fn_args in cases:

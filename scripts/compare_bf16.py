@@ -38,7 +38,7 @@ def parse_args(argv=None):
 def run_one(config_path, dtype, workdir, steps):
   """Trains (or resumes) one run and returns its evaluation results (with 'mIoU')."""
   from memseg_jax import main as memseg_main  # pylint: disable=import-outside-toplevel
-  from memseg_jax import train  # pylint: disable=import-outside-toplevel
+  from memseg_jax import evaluate  # pylint: disable=import-outside-toplevel
   from memseg_jax.config_validation import load_config  # pylint: disable=import-outside-toplevel
   config = load_config(config_path)
   config.model.dtype = dtype
@@ -51,7 +51,7 @@ def run_one(config_path, dtype, workdir, steps):
   # demo's synthetic_scenes on first use before training.
   memseg_main.run(config, workdir)
   train_s = time.time() - t0
-  results = train.evaluate_checkpoint(config, workdir)
+  results = evaluate.evaluate_checkpoint(config, workdir)
   return {'dtype': dtype, 'workdir': workdir, 'train_seconds': train_s,
           'mIoU': float(results['mIoU']), 'mAcc': float(results.get('mAcc', float('nan'))),
           'aAcc': float(results.get('aAcc', float('nan')))}

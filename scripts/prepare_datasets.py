@@ -10,7 +10,8 @@ memseg_jax/datasets/ for the files it expects). `--data_dir` defaults to $MEMSEG
 ~/tensorflow_datasets; training configs read it from config.data.data_dir. Progress bars come
 from tfds. Bad input (corrupt image, label of the wrong size or with values outside the
 dataset's range, missing or empty folder) stops with a message naming the file or folder;
-`--skip_corrupt` skips undecodable images instead, and reports how many.
+`--skip_corrupt` skips undecodable images instead, and reports how many. Every error ends the
+script with one `error: ...` line and a non-zero exit status (`memseg_jax.errors`).
 """
 
 import os
@@ -21,7 +22,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memseg_jax import datasets  # pylint: disable=g-import-not-at-top
+from memseg_jax import datasets, errors  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', None, f'One of {", ".join(datasets.NAMES)} (optionally /config).')
@@ -32,22 +33,19 @@ flags.mark_flag_as_required('dataset')
 
 
 def main(argv):
-  del argv
+  """Prepares --dataset; bad input ends it with one `error:` line (`errors.run_program`)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  try:
-    builder = datasets.get_builder(FLAGS.dataset, FLAGS.data_dir or None,
-                                   skip_corrupt=FLAGS.skip_corrupt)
-    if datasets.is_prepared(builder):
-      print(f'{FLAGS.dataset} is already prepared in {builder.data_dir}')
-      return 0
-    if not FLAGS.dataset.startswith('synthetic_scenes') and not FLAGS.manual_dir:
-      print(f'error: --manual_dir is required for {FLAGS.dataset} (the folder with the official '
-            'download)', file=sys.stderr)
-      return 2
-    datasets.download_and_prepare(builder, FLAGS.manual_dir or None)
-  except datasets.PreparationError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  builder = datasets.get_builder(FLAGS.dataset, FLAGS.data_dir or None,
+                                 skip_corrupt=FLAGS.skip_corrupt)
+  if datasets.is_prepared(builder):
+    print(f'{FLAGS.dataset} is already prepared in {builder.data_dir}')
+    return 0
+  if not FLAGS.dataset.startswith('synthetic_scenes') and not FLAGS.manual_dir:
+    raise app.UsageError(f'--manual_dir is required for {FLAGS.dataset} (the folder with the '
+                         'official download)')
+  datasets.download_and_prepare(builder, FLAGS.manual_dir or None)
   skipped = getattr(builder, 'skipped_files', [])
   for name in builder.info.splits:
     print(f'{FLAGS.dataset}/{name}: {builder.info.splits[name].num_examples} examples')
@@ -60,4 +58,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  errors.run_program(lambda argv: sys.exit(main(argv)))

@@ -112,9 +112,10 @@ def test_restoring_a_checkpoint_of_another_shape_names_the_keys(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
     ckpt_lib.restore_latest(manager, abstract)
   message = str(e.value)
-  assert 'params.head.kernel: (2, 3) in checkpoint' in message and '(2, 5) expected' in message
-  assert 'missing keys: params.new' in message
-  assert 'unexpected keys: params.old' in message
+  assert 'params/head/kernel (2, 3) in the checkpoint vs (2, 5) in the model' in message
+  assert 'Missing: params/new' in message
+  assert 'Unexpected: params/old' in message
+  assert '\n' not in message
   # The matching structure restores the saved values.
   restored = ckpt_lib.restore_latest(manager, jax.eval_shape(lambda: state))
   assert int(restored.step) == 3
@@ -130,10 +131,20 @@ def test_abstract_states_of_different_configs_differ_in_the_class_dependent_keys
   a = ckpt_lib.leaf_shapes(train.abstract_train_state(config, tx, mesh))
   b = ckpt_lib.leaf_shapes(train.abstract_train_state(other, tx, mesh))
   with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
-    ckpt_lib.check_tree_matches(b, a, 'checkpoint X')
+    ckpt_lib.check_tree_matches(b, a, 'checkpoint X', config=other)
   message = str(e.value)
-  assert 'memory.memory_module.memory: (8, 1, 64) in checkpoint X, (9, 1, 64) expected' in message
-  assert 'params.decoder_stage2.classifier.bias: (8,) in checkpoint X, (9,) expected' in message
+  assert message.startswith('checkpoint X does not fit the model of this config: '
+                            'config.model.num_classes most likely differs (8 in the checkpoint, '
+                            '9 in this config). Wrong shapes: ')
+  assert ('params/decoder_stage2/classifier/kernel (1, 1, 64, 8) in the checkpoint vs '
+          '(1, 1, 64, 9) in the model') in message
+  # Every class-dependent variable, and only those, differs: 3 classifiers (kernel + bias), the
+  # memory, and the same slots of the optimizer state.
+  wrong = {k for k in a if k in b and a[k] != b[k]}
+  assert {k for k in wrong if not k.startswith('opt_state')} == {
+      'memory/memory_module/memory', *(f'params/{head}/classifier/{leaf}' for head in (
+          'auxiliary_decoder', 'decoder_stage1', 'decoder_stage2') for leaf in ('kernel', 'bias'))}
+  assert f'(+{len(wrong) - 4} more)' in message
 
 
 @pytest.mark.slow
@@ -168,3 +179,92 @@ def _no_pretrained(config):
   config = config.copy_and_resolve_references()
   config.model.backbone.pretrained = ''
   return config
+
+
+# ------------------------------------------------------------------ evaluation without trainer
+def _tiny_config(data_dir=''):
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import tiny_run_config  # pylint: disable=import-outside-toplevel
+  return tiny_run_config.get_config(data_dir)
+
+
+def _save_tree(workdir, step, tree):
+  manager = ckpt_lib.create_manager(str(workdir), _tiny_config())
+  manager.save(step, args=ocp.args.StandardSave(tree))
+  manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.fixture(scope='module')
+def foreign_checkpoints(tmp_path_factory):
+  """Training checkpoints the trainer of this config could not resume: an Adam optimizer state
+  (the trainer uses SGD), and none at all; plus a converted checkpoint of the same variables."""
+  import optax
+  from memseg_jax.models import build_model
+  from tests.test_evaluate import random_variables
+  root = tmp_path_factory.mktemp('foreign')
+  config = _tiny_config()
+  variables = jax.tree_util.tree_map(np.asarray, random_variables(build_model(config), seed=3))
+  adam = optax.adam(1e-3).init(variables['params'])
+  _save_tree(root / 'adam', 5, {'step': np.asarray(5, np.int32), 'opt_state': adam,
+                                'rng': np.zeros(2, np.uint32), **variables})
+  _save_tree(root / 'no_opt_state', 7, dict(variables))
+  convert.save_variables(str(root / 'converted'), variables)
+  return config, root, variables
+
+
+def test_eval_variables_restore_from_any_optimizer_s_checkpoint_without_the_trainer(
+    foreign_checkpoints):
+  config, root, variables = foreign_checkpoints
+  for path, step in ((root / 'adam', 5), (root / 'adam' / 'checkpoints', 5),
+                     (root / 'adam' / 'checkpoints' / '5', 5), (root / 'no_opt_state', 7),
+                     (root / 'converted', None)):
+    restored, got_step = ckpt_lib.restore_eval_variables(str(path), config)
+    assert got_step == step, path
+    assert sorted(restored) == ['batch_stats', 'memory', 'params']
+    _tree_equal(restored, variables, str(path))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(restored))
+
+
+def test_a_checkpoint_that_is_not_one_or_is_incomplete_is_named(foreign_checkpoints, tmp_path):
+  config, root, _ = foreign_checkpoints
+  with pytest.raises(ckpt_lib.CheckpointError, match=f'{tmp_path} is not a checkpoint'):
+    ckpt_lib.restore_eval_variables(str(tmp_path), config)
+  # A write cut short (orbax's temporary folder) is never picked up.
+  (tmp_path / 'run' / 'checkpoints' / '9.orbax-checkpoint-tmp').mkdir(parents=True)
+  with pytest.raises(ckpt_lib.CheckpointError, match='no complete checkpoint in'):
+    ckpt_lib.restore_eval_variables(str(tmp_path / 'run'), config)
+  deeper = config.copy_and_resolve_references()
+  deeper.model.backbone.depth = 50       # bottleneck blocks: other variables, not only shapes
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match="config.model.backbone most likely differs \\(type='resnet', "
+                           "depth=50 in this config\\)"):
+    ckpt_lib.restore_eval_variables(str(root / 'converted'), deeper)
+  config.model.name = 'deeplabv3'
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match="config.model.name most likely differs \\(it is 'deeplabv3'"):
+    ckpt_lib.restore_eval_variables(str(root / 'converted'), config)
+
+
+def test_evaluation_and_prediction_import_nothing_from_the_trainer():
+  import ast
+  import subprocess
+  import sys
+  package = os.path.join(os.path.dirname(CONFIGS), 'memseg_jax')
+  for name in ('evaluate.py', 'predict.py', 'checkpoint.py'):
+    tree = ast.parse(open(os.path.join(package, name)).read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom):
+        names = [f'{node.module}.{a.name}' for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      else:
+        continue
+      assert not any(n.split('.')[-1] == 'train' for n in names), (name, names)
+  # Nor through another module.
+  code = ('import sys; from memseg_jax import checkpoint, evaluate, main, predict; '
+          'print("memseg_jax.train" in sys.modules)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(CONFIGS), env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.stdout.strip() == 'False', out.stderr[-2000:]

@@ -3,8 +3,9 @@
 Each config keeps its model structure (backbone depth, head, activation, classes, memory and
 loss settings) except where noted: crops shrink to 64x64 (Cityscapes 64x128), the global
 batch to 8, and, to keep the test within minutes on a CPU, every backbone deeper than 50
-layers (ade20k_r101) runs as R-50 and the non-ADE20K configs (same R-50 structure as ADE20K) as
-R-18. The step's lr and memory momentum are checked against the config's schedule values.
+layers (ade20k_r101) runs as R-50, the non-ADE20K configs (same R-50 structure as ADE20K) as
+R-18, and the HRNet-W48 configs as HRNetV2-W18-small. The step's lr and memory momentum are
+checked against the config's schedule values.
 """
 
 import os
@@ -21,6 +22,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG_FILES = sorted(n for n in os.listdir(CONFIGS) if n.endswith('.py'))
 SMALLER_BACKBONE = {'ade20k_r101.py': 50, 'cityscapes.py': 18, 'lip.py': 18,
                     'cocostuff10k.py': 18, 'default.py': 18}
+# HRNet configs run the narrowest reference arch (same stages, branches and head wiring).
+SMALLER_HRNET_ARCH = 'hrnetv2_w18_small'
 
 
 def test_all_expected_configs_exist():
@@ -43,6 +46,8 @@ def test_one_train_step_of_every_config(name):
   config.train.batch_size = 8
   if name in SMALLER_BACKBONE:
     config.model.backbone.depth = SMALLER_BACKBONE[name]
+  if config.model.backbone.type == 'hrnet':
+    config.model.backbone.arch = SMALLER_HRNET_ARCH
   validate(config, 8)
 
   mesh = train.create_mesh()

@@ -1,10 +1,11 @@
 """Pixel cross-entropy (upsampled logits, ignore label) and the weighted loss dictionary."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memseg_jax import losses
+from memseg_jax import losses, ops
 from memseg_jax.models import memory as memory_lib
 from tests import reference_utils as ru
 
@@ -81,3 +82,29 @@ def test_compute_losses_deeplabv3_has_cls_and_aux():
   assert set(out) == {'loss_cls', 'loss_aux', 'loss_total'}
   assert float(out['loss_total']) == pytest.approx(
       float(out['loss_cls'] + 0.4 * out['loss_aux']), rel=1e-6)
+
+
+@pytest.mark.parametrize('rows', [1, 5, 64])
+def test_blockwise_cross_entropy_equals_upsampling_everything_first(monkeypatch, rows):
+  """Value and gradient of the row-block form against the whole upsampled logits.
+
+  Blocks of 1, 5 (61 rows: the last block padded with ignored rows) and all rows.
+  """
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.normal(size=(2, 8, 9, 6)) * 3, jnp.float32)
+  labels = rng.integers(0, 6, (2, 61, 70))
+  labels[:, :4] = 255
+  labels = jnp.asarray(labels, jnp.int32)
+  monkeypatch.setattr(losses, '_CE_BLOCK_ELEMENTS', 2 * 70 * 6 * rows)
+  assert losses._ce_block_rows(2, 61, 70, 6) == min(rows, 61)
+
+  def whole(x):      # the direct form: upsample, log-softmax, mean over labelled pixels
+    up = jax.nn.log_softmax(ops.resize_bilinear(x, (61, 70)), axis=-1)
+    valid = labels != 255
+    nll = -jnp.take_along_axis(up, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+
+  value, grad = jax.value_and_grad(lambda x: losses.cross_entropy(x, labels))(logits)
+  ref_value, ref_grad = jax.value_and_grad(whole)(logits)
+  assert float(value) == pytest.approx(float(ref_value), rel=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-8)

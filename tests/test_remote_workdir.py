@@ -36,4 +36,4 @@ def test_the_config_is_written_through_gfile():
 def test_evaluating_a_missing_remote_checkpoint_names_the_url():
   config = load_config(os.path.join(CONFIGS, 'demo.py'))
   with pytest.raises(FileNotFoundError, match='ram://memseg_test/empty/checkpoints'):
-    ckpt_lib.load_eval_variables(config, 'ram://memseg_test/empty', abstract_state=None)
+    ckpt_lib.load_eval_variables(config, 'ram://memseg_test/empty')

@@ -104,16 +104,115 @@ def test_rescale_size_matches_the_reference_formula(hw):
       assert ours == _reference_dsize(*hw, scale, keep)
 
 
-def test_hsv_emulation_matches_opencv():
+# The TF backend's HSV->RGB (transforms.cv2_hsv2rgb with its default 64-pixel SIMD blocks: OpenCV
+# 5.1 on an AVX-512 CPU) against each OpenCV, measured on this project's machines (x86-64 with
+# AVX-512) with the images of the tests below. `block`: the SIMD block OpenCV used there (see
+# transforms.OPENCV_HSV_BLOCK); `hsv2rgb_max`, `hsv2rgb_frac`: the largest difference of one
+# HSV->RGB conversion and the fraction of pixels that differ; `photometric_max`,
+# `photometric_frac`: the same after the whole photometric distortion (up to two conversions,
+# then possibly a contrast stretch), over all draws of the test. A version not listed is held to
+# the newest one's bounds.
+HSV_BOUNDS = {
+    '4.14': dict(block=64, hsv2rgb_max=0, hsv2rgb_frac=0.0, photometric_max=0,
+                 photometric_frac=0.0),
+    '5.0': dict(block=32, hsv2rgb_max=1, hsv2rgb_frac=0.245, photometric_max=3,
+                photometric_frac=0.0872),
+    '5.1': dict(block=64, hsv2rgb_max=0, hsv2rgb_frac=0.0, photometric_max=0,
+                photometric_frac=0.0),
+}
+
+
+def opencv_hsv_block() -> int:
+  """Pixels per SIMD block of the installed OpenCV's 8-bit HSV->RGB on this CPU.
+
+  A row of 1023 copies of one colour whose exact RGB has a fraction >= 0.5: the vectorised
+  blocks truncate it, the row's last 1023 % block pixels round it up.
+  """
+  row = np.zeros((1, 1023, 3), np.uint8)
+  row[...] = (7, 201, 203)
+  truncated = T.cv2_hsv2rgb(row, block=1).numpy()[0]
+  rounded = T.cv2_hsv2rgb(row, block=4096).numpy()[0]
+  assert (truncated != rounded).any()
+  out = cv2.cvtColor(row, cv2.COLOR_HSV2RGB)[0]
+  if not ((out == truncated).all(-1) | (out == rounded).all(-1)).all():
+    pytest.fail(f'OpenCV {cv2.__version__}: its 8-bit HSV->RGB neither truncates nor rounds '
+                f'{tuple(row[0, 0])}; the TF emulation (transforms.cv2_hsv2rgb) no longer holds')
+  vectorised = int(np.argmin((out == truncated).all(-1))) if (out != truncated).any() else 1023
+  return 1024 - vectorised
+
+
+def check_hsv_bound(name: str, max_diff: float, frac: float):
+  """Fails, naming the OpenCV version, when a measured difference exceeds the table's bound."""
+  version = cv2.__version__
+  key = '.'.join(version.split('.')[:2])
+  known = key in HSV_BOUNDS
+  if not known:
+    key = max(HSV_BOUNDS, key=lambda k: tuple(int(p) for p in k.split('.')))
+  bound = HSV_BOUNDS[key]
+  print(f'OpenCV {version}, {name}: largest difference {max_diff:g}, fraction differing '
+        f'{frac:.6f} (bound {bound[name + "_max"]}, {bound[name + "_frac"]})')
+  if max_diff > bound[name + '_max'] or frac > bound[name + '_frac']:
+    where = f'measured for OpenCV {key}' if known else (
+        f'of the newest OpenCV measured ({key}); no bound was measured for {version}')
+    pytest.fail(
+        f'OpenCV {version}: the TF emulation of its 8-bit HSV->RGB ({name}) differs by up to '
+        f'{max_diff:g} in a fraction {frac:.4f} of the values; the emulation\'s bound {where} '
+        f'(largest {bound[name + "_max"]}, fraction {bound[name + "_frac"]}) no longer holds. '
+        f'OpenCV runs {opencv_hsv_block()}-pixel SIMD blocks here (the bound was measured with '
+        f'{bound["block"]}); see transforms.cv2_hsv2rgb.', pytrace=False)
+
+
+def test_rgb2hsv_emulation_equals_opencv():
   rng = np.random.default_rng(2)
   image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
   image[0, :, :] = np.arange(96)[:, None] * 2    # greys: zero saturation, zero difference
+  np.testing.assert_array_equal(T.cv2_rgb2hsv(image).numpy(),
+                                cv2.cvtColor(image, cv2.COLOR_RGB2HSV))
+
+
+def test_hsv2rgb_emulation_is_exact_with_the_installed_opencvs_block():
+  # Every 8-bit HSV value OpenCV's H range uses, in rows of 120 pixels so that both the
+  # vectorised blocks and the scalar row tail are exercised.
+  block = opencv_hsv_block()
+  h, s, v = np.meshgrid(np.arange(180), np.arange(256), np.arange(256), indexing='ij')
+  hsv = np.stack([h, s, v], -1).astype(np.uint8).reshape(-1, 120, 3)
+  ours = T.cv2_hsv2rgb(hsv, block=block).numpy()
+  ref = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+  wrong = int((ours != ref).any(-1).sum())
+  print(f'OpenCV {cv2.__version__}: {block}-pixel blocks, {wrong} of {hsv.size // 3} HSV values '
+        'differ')
+  if wrong:
+    pytest.fail(f'OpenCV {cv2.__version__}: the TF emulation of its 8-bit HSV->RGB with '
+                f'{block}-pixel blocks gets {wrong} of {hsv.size // 3} values wrong (by up to '
+                f'{np.abs(ours - ref).max():g}); the emulation no longer holds for this version',
+                pytrace=False)
+
+
+def test_hsv_emulation_matches_opencv():
+  rng = np.random.default_rng(2)
+  image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
   hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-  np.testing.assert_array_equal(T.cv2_rgb2hsv(image).numpy(), hsv)
   hsv[..., 0] = rng.integers(0, 180, hsv.shape[:2])
   ours = T.cv2_hsv2rgb(hsv).numpy()
   ref = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-  assert np.abs(ours - ref).max() <= 1 and (ours != ref).mean() < 1e-3
+  check_hsv_bound('hsv2rgb', float(np.abs(ours - ref).max()), float((ours != ref).any(-1).mean()))
+
+
+def test_an_opencv_with_another_rounding_fails_with_its_version(monkeypatch):
+  # An OpenCV 5.2 that computed every pixel like the vectorised blocks (no rounded row tail):
+  # the 96-pixel rows of the test above differ from the 64-pixel-block emulation by 1.
+  rng = np.random.default_rng(2)
+  hsv = rng.integers(0, 256, (64, 96, 3)).astype(np.uint8)
+  hsv[..., 0] %= 180
+  changed = T.cv2_hsv2rgb(hsv, block=1).numpy()
+  ours = T.cv2_hsv2rgb(hsv).numpy()
+  monkeypatch.setattr(cv2, '__version__', '5.2.0')
+  message = r'OpenCV 5\.2\.0: .* no bound was measured for 5\.2\.0 .* no longer holds'
+  with pytest.raises(pytest.fail.Exception, match=message):
+    check_hsv_bound('hsv2rgb', float(np.abs(ours - changed).max()),
+                    float((ours != changed).any(-1).mean()))
+  # Within the newest measured bound (5.1's: exact) an unlisted version passes.
+  check_hsv_bound('hsv2rgb', 0.0, 0.0)
 
 
 def _reference_photometric(image_rgb, p):
@@ -140,9 +239,11 @@ def _reference_photometric(image_rgb, p):
 
 
 @pytest.mark.parametrize('backend', ['opencv', 'tf'])
-def test_photometric_matches_the_reference_arithmetic(backend):
+def test_photometric_matches_the_reference_arithmetic(backend, monkeypatch):
   rng = np.random.default_rng(3)
-  image = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+  # 100 columns: 64-pixel blocks leave a 36-pixel row tail, 32-pixel ones a 4-pixel tail.
+  image = rng.integers(0, 256, (24, 100, 3), dtype=np.uint8)
+  max_diff, differ, total = 0.0, 0, 0
   for i in range(12):
     p = np_tree(T.photometric_params(seed_of(i)))
     p = {k: (bool(v) if v.dtype == bool else v.item()) for k, v in p.items()}
@@ -152,10 +253,16 @@ def test_photometric_matches_the_reference_arithmetic(backend):
     ref = _reference_photometric(image, p).astype(np.float32)
     if backend == 'opencv':
       np.testing.assert_array_equal(ours, ref)
-    else:
-      # HSV->RGB of the TF emulation is within 1 of OpenCV 5's vectorised path per conversion;
-      # two round trips and a contrast stretch after them can grow that to a few levels.
-      assert np.abs(ours - ref).max() <= 4 and np.abs(ours - ref).mean() < 0.2
+      continue
+    max_diff = max(max_diff, float(np.abs(ours - ref).max()))
+    differ, total = differ + int((ours != ref).sum()), total + ours.size
+    # With the installed OpenCV's own SIMD block the TF path is its arithmetic exactly.
+    with monkeypatch.context() as m:
+      m.setattr(T, 'OPENCV_HSV_BLOCK', opencv_hsv_block())
+      exact = T.apply_photometric(tf.constant(image, tf.float32), tf_p, backend).numpy()
+    np.testing.assert_array_equal(exact, ref)
+  if backend == 'tf':
+    check_hsv_bound('photometric', max_diff, differ / total)
 
 
 def test_rotation_matches_opencv_warp_affine():

@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 from memseg_jax.datasets._base import DatasetMeta, PreparationError  # noqa: F401
+from memseg_jax.errors import UserError
 
 _MODULES = {
     'ade20k': ('ade20k', 'Ade20k'),
@@ -25,14 +26,18 @@ _MODULES = {
 NAMES = tuple(_MODULES)
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
   """The dataset has not been prepared in the tfds data dir (the message says how to)."""
+
+
+class UnknownDatasetError(UserError, ValueError):
+  """A dataset name that is not in the registry (the message lists the known ones)."""
 
 
 def _split_name(name: str):
   base, _, config = name.partition('/')
   if base not in _MODULES:
-    raise ValueError(f'unknown dataset {name!r}; known: {", ".join(NAMES)}')
+    raise UnknownDatasetError(f'unknown dataset {name!r}; known: {", ".join(NAMES)}')
   return base, (config or None)
 
 
@@ -82,6 +87,13 @@ def download_and_prepare(builder, manual_dir: Optional[str] = None):
   kwargs = {}
   if manual_dir:
     kwargs['manual_dir'] = os.path.abspath(os.path.expanduser(manual_dir))
+    # Checked here: tfds would fail with an AssertionError of its own.
+    if not os.path.isdir(kwargs['manual_dir']):
+      raise PreparationError(f'manual_dir {kwargs["manual_dir"]} does not exist or is not a '
+                             'folder')
+    if not os.listdir(kwargs['manual_dir']):
+      raise PreparationError(f'manual_dir {kwargs["manual_dir"]} is empty (put the official '
+                             'download there)')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**kwargs))
   return builder
 
@@ -104,7 +116,7 @@ def require_prepared(name: str, data_dir: Optional[str] = None, **kwargs):
     raise DatasetNotPreparedError(
         f'dataset {name!r} is not prepared: expected it under {builder.data_dir} (tfds data '
         f'dir {resolve_data_dir(data_dir)}, from config.data.data_dir or $MEMSEG_DATA_DIR or '
-        f'~/tensorflow_datasets). Prepare it with:\n  {prepare_command(name, data_dir)}')
+        f'~/tensorflow_datasets). Prepare it with: {prepare_command(name, data_dir)}')
   return builder
 
 

@@ -27,10 +27,12 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from memseg_jax.errors import UserError
+
 IGNORE_INDEX = 255
 
 
-class PreparationError(ValueError):
+class PreparationError(UserError, ValueError):
   """The download at `manual_dir` cannot be turned into a dataset (message names the culprit)."""
 
 

@@ -11,12 +11,17 @@ MCIBI forward (reference `ssseg/modules/models/segmentors/mcibi/mcibi.py`):
     preds_stage2  = decoder_stage2(out)                    # final logits (eval output)
     preds_aux     = auxiliary_decoder(C4)
 
-In training, when labels and the learning rate are given, the memory is then updated from F
+In training, when labels and the learning rate are given, the memory is also updated from F
 (detached, upsampled to the label size) and, if asked, `decoder_stage2` classifies the *updated*
-memory vectors for the memory loss. This is the order of the reference: the memory read uses
+memory vectors for the memory loss. These are the reference's values: the memory read uses
 the previous iteration's memory, the memory loss the new one, and `decoder_stage2`'s BN running
-statistics move twice per step. The update here is local to the device; the train step
-averages the memory across devices.
+statistics move twice per step. The reference's in-place update also makes the read's gradient
+(w.r.t. the softmax of preds_stage1) use the new memory; the update therefore runs here before
+the read, which gets both memories (`_update_memory`). The update is local to the device; the
+train step averages the memory across devices.
+
+HRNet (its one 1/4 output selected four times): no auxiliary head, and in the Cityscapes/LIP
+configs a stride-2 `downsample_backbone` CBR on the selected outputs (`_downsample_backbone`).
 
 Losses are computed outside (memseg_jax.losses); the model returns low-resolution logits.
 """
@@ -36,6 +41,10 @@ from memseg_jax.models.layers import ConvBNAct
 # config.model.backbone of the R-50-D8 (as `build_model` freezes it: sorted (key, value) pairs).
 DEFAULT_BACKBONE = (('contract_dilation', True), ('depth', 50), ('output_stride', 8),
                     ('type', 'resnet'))
+
+
+def _downsample_backbone_stride(config) -> int:
+  return int(config.model.head.get('downsample_backbone_stride', 1))
 
 
 class _Segmentor(nn.Module):
@@ -135,7 +144,9 @@ class MCIBI(_Segmentor):
   base_momentum: float = 0.9
   base_lr: float = 0.01
   adjust_by_learning_rate: bool = True
-  fused_update: bool = False
+  fused_update: bool = True
+  # The reference head's `downsample_backbone` stride (HRNet Cityscapes/LIP: 2; 1 = absent).
+  downsample_backbone_stride: int = 1
 
   @classmethod
   def config_fields(cls, config) -> dict:
@@ -150,7 +161,53 @@ class MCIBI(_Segmentor):
         base_momentum=mem.base_momentum,
         base_lr=mem.base_lr,
         adjust_by_learning_rate=mem.adjust_by_learning_rate,
-        fused_update=mem.fused_update)
+        fused_update=mem.fused_update,
+        downsample_backbone_stride=_downsample_backbone_stride(config))
+
+  @classmethod
+  def logits_stride(cls, config) -> int:
+    return super().logits_stride(config) * _downsample_backbone_stride(config)
+
+  def _downsample_backbone(self, features, valids, train):
+    """The reference's `downsample_backbone`: a 3x3 CBR of the given stride, no bias.
+
+    Applied to every selected output, as the reference does: HRNet's four selections are the
+    same map, so the outputs are equal, but in training each call moves the BN running
+    statistics once (r <- 0.9^4 r + (1 - 0.9^4) batch per step). The repeated convolutions
+    are identical computations on the same operands, which XLA evaluates once.
+    """
+    s = self.downsample_backbone_stride
+    if s == 1:
+      return features, valids
+    layer = ConvBNAct(features[-1].shape[-1], 3, stride=s, padding=1, act=self.act,
+                      name='downsample_backbone', **self._norm_kwargs(train))
+    features = [layer(x, v) for x, v in zip(features, valids)]
+    return features, [None if v is None else -(-v // s) for v in valids]
+
+  def _update_memory(self, memory_module, memory_input, labels, lr):
+    """This step's memory update; returns (memory before, memory after) for the read.
+
+    The reference updates after its forward, but the update reads only F and the labels, so
+    running it first changes nothing in the forward, and the read then gets the new memory for
+    its gradient, as the reference's in-place update gives it (memory.py,
+    `_read_with_grad_memory`).
+    """
+    if lr is None and self.adjust_by_learning_rate:
+      raise ValueError('MCIBI: the memory update needs the learning rate `lr` of this step '
+                       '(model.memory.adjust_by_learning_rate is on)')
+    momentum = memory_lib.momentum_at(
+        lr, base_momentum=self.base_momentum, base_lr=self.base_lr,
+        adjust_by_learning_rate=self.adjust_by_learning_rate)
+    # The update sees F at the label resolution, without gradient (reference: no_grad).
+    # The fused form reaches the same result from the low-resolution F.
+    features = lax.stop_gradient(memory_input).astype(jnp.float32)
+    if not self.fused_update:
+      features = ops.resize_bilinear(features, labels.shape[1:3])      # (B, H, W, C)
+    old = memory_module.get_variable('memory', 'memory')
+    new = memory_module.update(features, labels, momentum=momentum,
+                               ignore_index=self.ignore_index, strategy=self.update_strategy,
+                               fused=self.fused_update)
+    return None if old is None else (old, new)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, labels=None, lr=None,
@@ -168,6 +225,7 @@ class MCIBI(_Segmentor):
       raise ValueError('valid_hw is for evaluation only (train=False)')
     norm = self._norm_kwargs(train)
     features, valids = self._backbone(images, train, valid_hw)
+    features, valids = self._downsample_backbone(features, valids, train)
     c5, valid = features[-1], valids[-1]
     feats_ms = None
     if self.use_context_within_image:
@@ -183,7 +241,11 @@ class MCIBI(_Segmentor):
         num_feats_per_cls=self.num_feats_per_cls, use_hard_aggregate=self.use_hard_aggregate,
         use_context_within_image=self.use_context_within_image, act=self.act,
         name='memory_module', **norm)
-    _, memory_output = memory_module(memory_input, preds_stage1, feats_ms, valid)
+    memory_values = None
+    if train and labels is not None:
+      memory_values = self._update_memory(memory_module, memory_input, labels, lr)
+    _, memory_output = memory_module(memory_input, preds_stage1, feats_ms, valid,
+                                     memory_values=memory_values)
     decoder_stage2 = DecoderHead(num_classes=self.num_classes, features=self.out_channels,
                                  dropout=self.dropout, act=self.act, name='decoder_stage2', **norm)
     preds_stage2 = decoder_stage2(memory_output)                           # (B, h, w, K)
@@ -194,21 +256,6 @@ class MCIBI(_Segmentor):
       return outputs
     outputs['preds_stage1'] = preds_stage1.astype(jnp.float32)
     outputs['memory_input'] = memory_input
-
-    if labels is not None:
-      if lr is None and self.adjust_by_learning_rate:
-        raise ValueError('MCIBI: the memory update needs the learning rate `lr` of this step '
-                         '(model.memory.adjust_by_learning_rate is on)')
-      momentum = memory_lib.momentum_at(
-          lr, base_momentum=self.base_momentum, base_lr=self.base_lr,
-          adjust_by_learning_rate=self.adjust_by_learning_rate)
-      # The update sees F at the label resolution, without gradient (reference: no_grad).
-      # The fused form reaches the same result from the low-resolution F.
-      features = lax.stop_gradient(memory_input).astype(jnp.float32)
-      if not self.fused_update:
-        features = ops.resize_bilinear(features, labels.shape[1:3])      # (B, H, W, C)
-      memory_module.update(features, labels, momentum=momentum, ignore_index=self.ignore_index,
-                           strategy=self.update_strategy, fused=self.fused_update)
 
     if memory_loss:
       # The memory after this step's update (the reference's returned tensor aliases it).

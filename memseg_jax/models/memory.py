@@ -92,13 +92,15 @@ def momentum_at(lr, *, base_momentum: float, base_lr: float, adjust_by_learning_
 
 
 # ----------------------------------------------------------------------------------------- read
-def aggregate(memory, preds, *, use_hard: bool = False):
+def aggregate(memory, preds, *, use_hard: bool = False, grad_memory=None):
   """Per-pixel memory read: class probabilities of `preds` times each memory slot.
 
   Args:
     memory: (K, n, C) float32.
     preds: (B, H, W, K) logits (the coarse `preds_stage1`).
     use_hard: use the one-hot of the most probable class instead of the softmax.
+    grad_memory: None, or the (K, n, C) memory the backward of the read uses in place of
+      `memory` (training: the memory after this step's update, `_read_with_grad_memory`).
 
   Returns:
     (n, B, H, W, C) float32: for slot i, softmax(preds) @ memory[:, i, :].
@@ -113,7 +115,36 @@ def aggregate(memory, preds, *, use_hard: bool = False):
     weight = jax.nn.one_hot(jnp.argmax(weight, axis=-1), k, dtype=jnp.float32)
   # Default matmul precision, like every other product of the forward pass (the update, which
   # accumulates statistics over many pixels, asks for full float32 instead).
-  return jnp.einsum('bhwk,knc->nbhwc', weight, memory.astype(jnp.float32))
+  if grad_memory is None:
+    return jnp.einsum('bhwk,knc->nbhwc', weight, memory.astype(jnp.float32))
+  return _read_with_grad_memory(weight, memory.astype(jnp.float32),
+                                grad_memory.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def _read_with_grad_memory(weight, memory, grad_memory):
+  """weight @ memory, whose gradient w.r.t. `weight` is taken with `grad_memory` instead.
+
+  The reference's read saves a view of the memory storage for its backward, and the update
+  then overwrites that storage in place (through `.data`, which autograd does not track); so
+  the gradient reaching the softmax weights (decoder_stage1, the bottleneck, the backbone) is
+  computed with the memory *after* this step's update. `grad_memory` is that memory.
+  """
+  del grad_memory
+  return jnp.einsum('bhwk,knc->nbhwc', weight, memory)
+
+
+def _read_fwd(weight, memory, grad_memory):
+  return _read_with_grad_memory(weight, memory, grad_memory), (memory, grad_memory)
+
+
+def _read_bwd(residuals, g):
+  memory, grad_memory = residuals
+  d_weight = jnp.einsum('nbhwc,knc->bhwk', g, grad_memory)
+  return d_weight, jnp.zeros_like(memory), jnp.zeros_like(grad_memory)
+
+
+_read_with_grad_memory.defvjp(_read_fwd, _read_bwd)
 
 
 # --------------------------------------------------------------------------------------- update
@@ -428,7 +459,8 @@ class FeaturesMemory(nn.Module):
                      dtype=self.dtype, conv_impl=self.conv_impl, name=name)
 
   @nn.compact
-  def __call__(self, feats, preds, feats_ms=None, valid=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  def __call__(self, feats, preds, feats_ms=None, valid=None, *,
+               memory_values=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """Read the memory and fuse it with the pixel representations.
 
     Args:
@@ -438,6 +470,9 @@ class FeaturesMemory(nn.Module):
         `use_context_within_image`.
       valid: None, or (B, 2) the true sizes of zero-padded inputs (layers.py): attention keys
         and 3x3 inputs are then restricted to the valid region.
+      memory_values: None (read the memory variable), or (memory before, memory after) this
+        step's update when the update already ran (training): the read uses the first, its
+        gradient the second (`_read_with_grad_memory`).
 
     Returns:
       (memory (K, n, C) float32 as data, memory_output (B, H, W, out_channels)).
@@ -452,8 +487,11 @@ class FeaturesMemory(nn.Module):
                        f'{self.num_classes}) with the (B, H, W) of feats {feats.shape}')
     memory = self.variable('memory', 'memory',
                            lambda: jnp.zeros(self._memory_shape(), jnp.float32))
-    memory_value = lax.stop_gradient(memory.value)
-    gathered = aggregate(memory_value, preds, use_hard=self.use_hard_aggregate)  # (n,B,H,W,C)
+    memory_value, grad_memory = lax.stop_gradient(memory.value), None
+    if memory_values is not None:
+      memory_value, grad_memory = (lax.stop_gradient(m) for m in memory_values)
+    gathered = aggregate(memory_value, preds, use_hard=self.use_hard_aggregate,
+                         grad_memory=grad_memory)                                 # (n,B,H,W,C)
     gathered = gathered.astype(self.dtype)
     if self.num_feats_per_cls > 1:
       attended = [self._attention(f'self_attentions_{i}')(feats, gathered[i], valid)
@@ -479,10 +517,12 @@ class FeaturesMemory(nn.Module):
 
     `features` are F at label resolution ((B, H, W, C), as `update_memory` takes them), or with
     `fused=True` F at feature resolution ((B, h, w, C), `update_memory_fused`). Call it inside
-    `apply(..., mutable=['memory', ...])`, after `__call__` (a parent module calls
-    `self.memory_module.update(...)`). During `init` the memory stays zero (as the reference's
-    starts), whatever the init call does. Averaging across devices is left to the train step
-    (`sync_memory`).
+    `apply(..., mutable=['memory', ...])` (a parent module calls
+    `self.memory_module.update(...)`), before `__call__` with `memory_values=(old, new)` (the
+    segmentor does: the update does not depend on the read, and the read's gradient needs the
+    new memory, `_read_with_grad_memory`) or after a plain `__call__`. During `init` the
+    memory stays zero (as the reference's starts), whatever the init call does. Averaging
+    across devices is left to the train step (`sync_memory`).
     """
     if self.has_variable('memory', 'memory'):
       memory = self.get_variable('memory', 'memory')

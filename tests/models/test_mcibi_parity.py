@@ -80,8 +80,13 @@ def test_eval_logits_match_reference_deeplabv3():
   _assert_logits_match(ref, ours, 150, 64, 64)
 
 
-def test_train_forward_losses_memory_and_bn_stats_match_reference():
-  """One training forward at epoch 2 (memory loss on), dropout off in both."""
+@pytest.mark.parametrize('fused_update', [True, False], ids=['fused', 'naive'])
+def test_train_forward_losses_memory_and_bn_stats_match_reference(fused_update):
+  """One training forward at epoch 2 (memory loss on), dropout off in both.
+
+  Both forms of the memory update: the fused one (the default) and the reference's literal one
+  (upsample F to the label size, then update).
+  """
   num_classes, lr = 150, 0.00635
   kwargs = dict(dropout=0.0, aux_dropout=0.0)
   gen = torch.Generator().manual_seed(4)
@@ -96,7 +101,7 @@ def test_train_forward_losses_memory_and_bn_stats_match_reference():
   model = ru.build_reference(ru.reference_cfg(**kwargs), calibration_images=images, seed=4)
   with torch.no_grad():
     model.memory_module.memory.copy_(memory)
-  config = ru.project_config(**kwargs)
+  config = ru.project_config(**kwargs, overrides={'model.memory.fused_update': fused_update})
   variables = convert.convert_ssseg_state_dict(model.state_dict(), config)
 
   model.train()

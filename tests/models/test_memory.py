@@ -242,6 +242,27 @@ def test_aggregate_matches_numpy(use_hard):
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_aggregate_with_grad_memory_reads_memory_but_differentiates_with_grad_memory():
+  # The reference's read: forward with this step's memory, backward (w.r.t. the softmax
+  # weights) with the memory its in-place update left behind. Checked against numpy:
+  # d/dpreds of sum(G * g) = softmax Jacobian^T (g @ M'^T), M' the grad memory.
+  r = np.random.RandomState(12)
+  memory, new = r.randn(2, 5, 1, 4).astype(np.float32)
+  preds = (r.randn(2, 3, 4, 5) * 2).astype(np.float32)
+  g = r.randn(1, 2, 3, 4, 4).astype(np.float32)
+  out, vjp = jax.vjp(lambda x: mem_lib.aggregate(memory, x, grad_memory=new), preds)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(mem_lib.aggregate(memory, preds)))
+  d_preds, = vjp(g)
+  p = np.exp(preds - preds.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  d_p = g[0] @ new[:, 0, :].T                                        # (B, H, W, K)
+  expected = p * (d_p - (d_p * p).sum(-1, keepdims=True))
+  np.testing.assert_allclose(np.asarray(d_preds), expected, atol=1e-5, rtol=1e-4)
+  # ... which differs from the plain read's gradient (the memories differ).
+  _, plain_vjp = jax.vjp(lambda x: mem_lib.aggregate(memory, x), preds)
+  assert np.abs(np.asarray(plain_vjp(g)[0]) - expected).max() > 1e-2
+
+
 # -------------------------------------------------------------------------------------- loss
 @pytest.mark.parametrize('n', [1, 3])
 def test_memory_loss_is_cross_entropy_against_row_class(n):
