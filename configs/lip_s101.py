@@ -23,6 +23,18 @@ Evaluate the released checkpoint (convert it once, then evaluate it):
 (`--config=configs/lip_s101.py:flip` for the flip number.) The ImageNet backbone:
 `python -m memseg_jax.convert --imagenet --torch_checkpoint=resnest101_d2-f3b931b2.pth
 --config=configs/lip_s101.py --output=/ckpt/resnest101_imagenet`.
+
+On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
+float32):
+
+    python -m memseg_jax.main --config=configs/lip_s101.py \
+        --workdir=/ckpt/mcibi_s101_lip --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
+        --config.model.dtype=bfloat16
+
+Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
+`python scripts/aot_check.py --configs=lip_s101`: whether the documented batch fits each
+slice; add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
 """
 
 from memseg_jax.config_validation import load_sibling_config
@@ -42,4 +54,8 @@ def get_config(arg=None):
   config.train.weight_decay = 5e-4
   config.model.memory.base_lr = 0.007
   config.model.memory.use_loss = False
+  if arg is None:   # single scale: the logits are upsampled, no softmax (the reference's block)
+    config.inference.use_probs_before_resize = False
+  elif arg != 'flip':
+    raise ValueError(f"configs/lip_s101.py: unknown argument {arg!r} (expected 'flip')")
   return config

@@ -4,8 +4,8 @@ Each config keeps its model structure (backbone depth, head, activation, classes
 loss settings) except where noted: crops shrink to 64x64 (Cityscapes 64x128), the global
 batch to 8, and, to keep the test within minutes on a CPU, every backbone deeper than 50
 layers (ade20k_r101) runs as R-50, the non-ADE20K configs (same R-50 structure as ADE20K) as
-R-18, and the HRNet-W48 configs as HRNetV2-W18-small. The step's lr and memory momentum are
-checked against the config's schedule values.
+R-18, the S-101 configs as S-50 and the HRNet-W48 configs as HRNetV2-W18-small. The step's lr
+and memory momentum are checked against the config's schedule values.
 """
 
 import os
@@ -22,6 +22,9 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG_FILES = sorted(n for n in os.listdir(CONFIGS) if n.endswith('.py'))
 SMALLER_BACKBONE = {'ade20k_r101.py': 50, 'cityscapes.py': 18, 'lip.py': 18,
                     'cocostuff10k.py': 18, 'default.py': 18}
+# The S-101 configs run as S-50 (ResNeSt's other depth: same stem, blocks and head wiring).
+SMALLER_BACKBONE.update({f'{d}_s101.py': 50 for d in ('ade20k', 'cityscapes', 'lip',
+                                                      'cocostuff10k')})
 # HRNet configs run the narrowest reference arch (same stages, branches and head wiring).
 SMALLER_HRNET_ARCH = 'hrnetv2_w18_small'
 

@@ -38,7 +38,8 @@ def reduced_depth(monkeypatch):
   """Registers a reduced-depth ResNeSt ("S-14", one block per stage) in ours and the reference.
 
   It has every kind of layer of S-101 (deep stem, pooled shortcuts at stride 1 and 2, the avd
-  pool of layer2.0, split attention at dilations 1, 2 and 4) at a fraction of the compile time.
+  pool of layer2.0, split attention; at dilations 1 and 2 only, as each dilated stage's one
+  block has the contracted dilation) at a fraction of the compile time.
   """
   ru.import_ssseg_builder()
   from ssseg.modules.models.backbones import resnest as torch_resnest
