@@ -434,7 +434,8 @@ def _fake_state_dict(config, seed=0):
 @pytest.mark.parametrize('problem', ['missing', 'unexpected', 'shape'])
 def test_bad_s101_checkpoint_fails_naming_the_key(problem):
   config = ru.project_config(num_classes=19, overrides=project_overrides())
-  state_dict = _fake_state_dict(config)
+  good_state_dict = _fake_state_dict(config)
+  state_dict = dict(good_state_dict)
   if problem == 'missing':
     del state_dict['backbone_net.layer3.22.conv2.bn1.running_var']
     match = r'missing keys: backbone_net\.layer3\.22\.conv2\.bn1\.running_var'
@@ -449,10 +450,10 @@ def test_bad_s101_checkpoint_fails_naming_the_key(problem):
   with pytest.raises(ValueError, match=match):
     convert.convert_ssseg_state_dict(state_dict, config)
   # A valid one converts completely.
-  good = convert.convert_ssseg_state_dict(_fake_state_dict(config), config)
+  good = convert.convert_ssseg_state_dict(good_state_dict, config)
   np.testing.assert_array_equal(
       good['params']['backbone_net']['layer4_2']['conv2']['fc1']['kernel'],
-      _fake_state_dict(config)['backbone_net.layer4.2.conv2.fc1.weight'].transpose(2, 3, 1, 0))
+      good_state_dict['backbone_net.layer4.2.conv2.fc1.weight'].transpose(2, 3, 1, 0))
 
 
 @pytest.mark.parity
