@@ -16,13 +16,15 @@ def get_config():
 
   # ---------------------------------------------------------------- model
   config.model = m = ml_collections.ConfigDict()
-  m.name = 'mcibi'                # 'mcibi' (memory on) or 'deeplabv3' (the same net, memory off)
+  m.name = 'mcibi'                # 'mcibi' (memory on) or 'deeplabv3' (the same net, memory off);
+                                  # 'mcibipp' (MCIBI++) or 'upernet' (configs/mcibipp/)
   m.num_classes = 150
   m.dtype = 'float32'             # compute dtype; parameters, BN statistics, memory stay float32
   m.act = 'relu'                  # head/aux activation: 'relu' or 'leaky_relu' (LIP: slope 0.01)
   m.bn_eps = 1e-5
   m.bn_momentum = 0.1             # PyTorch convention: running = 0.9 * running + 0.1 * batch
   m.conv_impl = 'auto'            # 'auto' (by the devices compiled for), 'native' or 'taps' (CPU)
+  m.remat = False                 # rematerialise backbone blocks in the backward pass (ViT)
 
   m.backbone = ml_collections.ConfigDict()
   m.backbone.type = 'resnet'      # memseg_jax.models.backbones.REGISTRY
@@ -41,6 +43,8 @@ def get_config():
   # MCIBI: stride of a 3x3 CBR on the backbone outputs before the head (the reference's
   # `downsample_backbone`; HRNet Cityscapes/LIP: 2, i.e. the head at 1/8); 1: no such layer.
   m.head.downsample_backbone_stride = 1
+  m.head.norm_layers = False      # LayerNorm over channels on each selected output (ViT-L)
+  m.head.norm_eps = 1e-6
 
   m.memory = ml_collections.ConfigDict()
   m.memory.num_feats_per_cls = 1
@@ -58,10 +62,27 @@ def get_config():
   # the parity tests) up to float32 rounding, at a fraction of the memory and time.
   m.memory.fused_update = True
 
+  # MCIBI++ (model.name='mcibipp', configs/mcibipp/): options of its segmentor. It also reads
+  # model.memory (transform/out channels, hard aggregation, the context on/off, momentum,
+  # fused update) and model.head (context type, channels, dropout).
+  m.mcibipp = ml_collections.ConfigDict()
+  m.mcibipp.use_self_attention = True    # SA(query=context, key/value=memory output)
+  m.mcibipp.force_use_preds_pr = False   # gather with decoder_pr's logits despite a context
+  m.mcibipp.downsample_before_sa = False # stride-2 3x3 CBR before the memory's SA (HRNet)
+  m.mcibipp.decoder_pr_kernel = 1        # conv1 of decoder_pr / _cwi / _cls: 1 or 3 (pad 1)
+  m.mcibipp.decoder_cwi_kernel = 1
+  m.mcibipp.decoder_cls_kernel = 1
+  m.mcibipp.fpn = False                  # UPerNet variant: FPN over C2..C4, logits at 1/4
+  m.mcibipp.fpn_feats_channels = 1024    # laterals = memory out_channels + context channels
+  m.mcibipp.fpn_out_channels = 512
+
   m.auxiliary = ml_collections.ConfigDict()
   m.auxiliary.enabled = True
   m.auxiliary.channels = 512
   m.auxiliary.dropout = 0.1
+  m.auxiliary.num_convs = 1       # 3x3 conv + BN + act blocks per head
+  m.auxiliary.upsample = 0        # nearest x factor after each block (0: none; ViT-L: 4)
+  m.auxiliary.num_heads = 1       # heads on the outputs before the head's (ViT-L: 3, aux1..3)
 
   # ---------------------------------------------------------------- losses
   config.loss = ml_collections.ConfigDict()
@@ -69,6 +90,7 @@ def get_config():
   config.loss.stage1 = 0.4
   config.loss.aux = 0.4
   config.loss.memory = 1.0
+  config.loss.cwi = 1.0           # MCIBI++: decoder_cwi (its loss_cls/loss_pr weigh stage2/stage1)
 
   # ---------------------------------------------------------------- data
   config.data = d = ml_collections.ConfigDict()
@@ -108,6 +130,11 @@ def get_config():
   t.lr_power = 0.9
   t.momentum = 0.9
   t.weight_decay = 5e-4
+  # Parameter groups (the reference's `params_rules`): rules (pattern, lr_multiplier,
+  # wd_multiplier); a parameter whose reference name (memseg_jax.convert.torch_key, e.g.
+  # 'backbone_net.layers.0.ln1.weight') contains the pattern (longest pattern first) gets
+  # lr * lr_multiplier and weight_decay * wd_multiplier. Empty: one group.
+  t.params_rules = ()
   t.log_every_steps = 50
   t.checkpoint_every_steps = 2000
   t.keep_checkpoints = 3

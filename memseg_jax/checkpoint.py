@@ -373,6 +373,8 @@ def load_pretrained_backbone(config, variables: Mapping[str, Any]) -> Dict[str, 
     loaded = convert.restore_variables(path)
   out = {k: dict(v) for k, v in variables.items()}
   for collection in ('params', 'batch_stats'):
+    if 'backbone_net' not in variables.get(collection, {}):
+      continue      # a backbone without this collection (the ViT has no batch_stats)
     expected = {'backbone_net': variables[collection]['backbone_net']}
     got = loaded.get(collection, {})
     if set(got) != {'backbone_net'}:

@@ -139,6 +139,27 @@ def _backbone(config):
           f'must be indices of the backbone\'s {num_outputs} outputs')
 
 
+def _auxiliary_heads(config):
+  """num_convs / upsample / num_heads of model.auxiliary (absent keys: the FCN head's values)."""
+  aux = _get(config, 'model.auxiliary')
+  for key, minimum in (('num_convs', 0), ('upsample', 0), ('num_heads', 1)):
+    value = aux.get(key, minimum if key != 'num_convs' else 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      _fail(f'model.auxiliary.{key}', value, f'must be an integer >= {minimum}')
+
+
+def _params_rules(config):
+  """train.params_rules: a sequence of (pattern, lr_multiplier, wd_multiplier)."""
+  rules = _get(config, 'train').get('params_rules', ()) or ()
+  for i, rule in enumerate(rules):
+    ok = (isinstance(rule, (list, tuple)) and len(rule) == 3 and isinstance(rule[0], str)
+          and rule[0] and all(not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0
+                              for v in rule[1:]))
+    if not ok:
+      _fail(f'train.params_rules[{i}]', rule,
+            'must be (name pattern, lr_multiplier >= 0, wd_multiplier >= 0)')
+
+
 def validate(config, num_devices: int = 1) -> None:
   """Raises ConfigError (one line, naming the key) for the first unusable value."""
   # model
@@ -154,6 +175,8 @@ def validate(config, num_devices: int = 1) -> None:
   head_type = _one_of(config, 'model.head.type', HEAD_TYPES)
   if name == 'deeplabv3' and head_type != 'aspp':
     _fail('model.head.type', head_type, "must be 'aspp' for model.name='deeplabv3'")
+  if name == 'upernet' and head_type != 'ppm':
+    _fail('model.head.type', head_type, "must be 'ppm' for model.name='upernet'")
   _number(config, 'model.head.feats_channels', positive=True, integer=True)
   _positive_sequence(config, 'model.head.dilations')
   _positive_sequence(config, 'model.head.pool_scales')
@@ -163,6 +186,7 @@ def validate(config, num_devices: int = 1) -> None:
   if _get(config, 'model.auxiliary.enabled'):
     _number(config, 'model.auxiliary.channels', positive=True, integer=True)
     _number(config, 'model.auxiliary.dropout', non_negative=True, at_most=1)
+    _auxiliary_heads(config)
   if name == 'mcibi':
     _number(config, 'model.memory.num_feats_per_cls', positive=True, integer=True)
     _number(config, 'model.memory.transform_channels', positive=True, integer=True)
@@ -171,6 +195,8 @@ def validate(config, num_devices: int = 1) -> None:
     _number(config, 'model.memory.base_momentum', non_negative=True)
     if _get(config, 'model.memory.adjust_by_learning_rate'):
       _number(config, 'model.memory.base_lr', positive=True)
+  if name == 'mcibipp':
+    _validate_mcibipp(config)
 
   # loss weights
   for key in ('stage2', 'stage1', 'aux', 'memory'):
@@ -213,6 +239,7 @@ def validate(config, num_devices: int = 1) -> None:
   _number(config, 'train.lr_power', positive=True)
   _number(config, 'train.momentum', non_negative=True, at_most=1)
   _number(config, 'train.weight_decay', non_negative=True)
+  _params_rules(config)
   _number(config, 'train.log_every_steps', positive=True, integer=True)
   _number(config, 'train.checkpoint_every_steps', positive=True, integer=True)
   _number(config, 'train.keep_checkpoints', positive=True, integer=True)
@@ -236,3 +263,32 @@ def check_num_classes(config) -> None:
   if info.num_classes != k:
     raise ConfigError(f'config.model.num_classes={k} but dataset {config.data.name!r} has '
                       f'{info.num_classes} classes')
+
+
+def _validate_mcibipp(config):
+  """The MCIBI++ keys (model.memory, model.mcibipp, loss.cwi); see configs/default.py."""
+  from memseg_jax.models import memory  # pylint: disable=import-outside-toplevel
+  _number(config, 'model.memory.transform_channels', positive=True, integer=True)
+  out = _number(config, 'model.memory.out_channels', positive=True, integer=True)
+  _number(config, 'model.memory.base_momentum', non_negative=True, at_most=1)
+  if _get(config, 'model.memory.adjust_by_learning_rate'):
+    _number(config, 'model.memory.base_lr', positive=True)
+  try:   # the stored noise of the memory read covers these sizes only
+    memory.memory_noise(int(_get(config, 'model.num_classes')),
+                        int(_get(config, 'model.head.feats_channels')))
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  for key in ('decoder_pr_kernel', 'decoder_cwi_kernel', 'decoder_cls_kernel'):
+    _one_of(config, f'model.mcibipp.{key}', (1, 3))
+  if _get(config, 'model.mcibipp.fpn'):
+    if not _get(config, 'model.memory.use_context_within_image'):
+      _fail('model.mcibipp.fpn', True, 'needs config.model.memory.use_context_within_image '
+            '(the FPN top level is [memory output, context])')
+    feats = _get(config, 'model.head.feats_channels')
+    lateral = _number(config, 'model.mcibipp.fpn_feats_channels', positive=True, integer=True)
+    if lateral != out + feats:
+      _fail('model.mcibipp.fpn_feats_channels', lateral,
+            f'must equal model.memory.out_channels + model.head.feats_channels = {out + feats} '
+            '(the top level is added to the laterals)')
+    _number(config, 'model.mcibipp.fpn_out_channels', positive=True, integer=True)
+  _number(config, 'loss.cwi', non_negative=True)

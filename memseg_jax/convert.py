@@ -4,6 +4,8 @@ r"""PyTorch checkpoints -> Flax variables: SSSegmentation MCIBI/DeepLabV3 models
         --config=configs/ade20k.py --output=/tmp/mcibi_ade20k_flax
     python -m memseg_jax.convert --imagenet --torch_checkpoint=resnet50_v1c-2cccc1ad.pth \
         --config=configs/ade20k.py --output=/tmp/resnet50_v1c_flax
+    python -m memseg_jax.convert --imagenet --torch_checkpoint=jx_vit_large_p16_384-b3be5167.pth \
+        --config=configs/ade20k_vitl.py --output=/tmp/vit_large_p16_384_flax
 
 The mapping is derived, not listed: every leaf of the Flax variable tree of
 `build_model(config)` (shapes from `jax.eval_shape`, nothing is allocated) gets the name the
@@ -187,7 +189,8 @@ def convert_imagenet(state_dict: Mapping[str, Any], config) -> Dict[str, Any]:
 
   Keys as the reference's backbone names them (open-mmlab `resnet50_v1c`: `stem.0.weight`,
   `layer1.0.conv1.weight`, ...); a 'state_dict' or 'model' wrapper is accepted. The backbone
-  module's `imagenet_state_dict` maps other layouts and names the keys the reference's
+  module's `imagenet_state_dict` maps other layouts (timm's ViT `blocks.0.attn.qkv.weight`,
+  ... with a position embedding of another grid) and names the keys the reference's
   `strict=False` load ignores (an ImageNet classifier): they are dropped, counted in the log
   and named at debug level; any other mismatch is an error. The result initialises the
   backbone of `build_model(config)` (merge it into freshly initialised variables).
@@ -200,7 +203,7 @@ def convert_imagenet(state_dict: Mapping[str, Any], config) -> Dict[str, Any]:
       break
   hook = getattr(backbone_module(config), 'imagenet_state_dict', None)
   if hook is not None:
-    state_dict, ignored = hook(dict(state_dict))
+    state_dict, ignored = _imagenet_hook(hook, dict(state_dict), config)
     if ignored:
       logging.info('ImageNet checkpoint: %d keys the backbone does not use were ignored '
                    '(as the reference loads it with strict=False)', len(ignored))
@@ -211,6 +214,15 @@ def convert_imagenet(state_dict: Mapping[str, Any], config) -> Dict[str, Any]:
     if len(k) > 1 and k[1] == 'backbone_net':
       expected[torch_key(k, backbone_type)[len('backbone_net.'):]] = (k, shape)
   return _convert(state_dict, expected, 'the ImageNet checkpoint')
+
+
+def _imagenet_hook(hook, state_dict, config):
+  """Calls a backbone's `imagenet_state_dict`; hooks taking two arguments get the backbone cfg."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  from memseg_jax.models import backbone_config  # pylint: disable=import-outside-toplevel
+  if len(inspect.signature(hook).parameters) >= 2:
+    return hook(state_dict, backbone_config(config))
+  return hook(state_dict)
 
 
 # ------------------------------------------------------------------------------- files
@@ -315,7 +327,8 @@ if __name__ == '__main__':
   _TORCH_CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None, 'PyTorch .pth file')
   _OUTPUT = flags.DEFINE_string('output', None, 'output orbax checkpoint directory')
   _IMAGENET = flags.DEFINE_bool('imagenet', False,
-                                'the file is an open-mmlab ImageNet ResNet-v1c backbone')
+                                'the file is an ImageNet backbone (open-mmlab ResNet-v1c, '
+                                'timm ViT)')
   _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'replace an existing output directory')
   flags.mark_flags_as_required(['config', 'torch_checkpoint', 'output'])
   errors.run_program(main)

@@ -83,19 +83,29 @@ def cross_entropy(logits, labels, ignore_index: int = 255):
 def compute_losses(outputs, labels, config) -> Dict[str, jnp.ndarray]:
   """Loss terms and their weighted sum 'loss_total' for the outputs of a training forward.
 
-  MCIBI: 'loss_stage2', 'loss_stage1', 'loss_aux' (if the aux head is on) and, when the
-  forward produced 'preds_memory', 'loss_memory'. DeepLabV3: 'loss_cls' and 'loss_aux'.
-  Weights come from `config.loss` (stage2 also weights DeepLabV3's 'loss_cls').
+  MCIBI: 'loss_stage2', 'loss_stage1', 'loss_aux' (if the aux head is on; 'loss_aux1',
+  'loss_aux2', ... with several auxiliary heads) and, when the forward produced
+  'preds_memory', 'loss_memory'. DeepLabV3 and UPerNet: 'loss_cls' and 'loss_aux'. MCIBI++:
+  'loss_cls', 'loss_pr', 'loss_cwi' (with a context) and 'loss_aux'.
+  Weights come from `config.loss` (stage2 also weights 'loss_cls', stage1 'loss_pr').
   """
   w = config.loss
   ignore_index = config.data.ignore_index
-  if config.model.name == 'deeplabv3':
+  if config.model.name in ('deeplabv3', 'upernet'):
     terms = {'loss_cls': (outputs['logits'], w.stage2)}
+  elif config.model.name == 'mcibipp':
+    terms = {'loss_cls': (outputs['logits'], w.stage2), 'loss_pr': (outputs['preds_pr'], w.stage1)}
+    if 'preds_cwi' in outputs:
+      terms['loss_cwi'] = (outputs['preds_cwi'], w.cwi)
   else:
     terms = {'loss_stage2': (outputs['logits'], w.stage2),
              'loss_stage1': (outputs['preds_stage1'], w.stage1)}
   if 'preds_aux' in outputs:
     terms['loss_aux'] = (outputs['preds_aux'], w.aux)
+  i = 1
+  while f'preds_aux{i}' in outputs:     # several auxiliary heads (ViT-L), each weighted w.aux
+    terms[f'loss_aux{i}'] = (outputs[f'preds_aux{i}'], w.aux)
+    i += 1
 
   losses = {name: cross_entropy(logits, labels, ignore_index)
             for name, (logits, _) in terms.items()}

@@ -95,16 +95,63 @@ def create_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
+def _sgd(config, lr_schedule: Callable, lr_multiplier: float = 1.0,
+         wd_multiplier: float = 1.0) -> optax.GradientTransformation:
+  t = config.train
+  schedule = lr_schedule
+  if lr_multiplier != 1.0:
+    schedule = lambda step: lr_multiplier * lr_schedule(step)
+  return optax.chain(
+      optax.add_decayed_weights(wd_multiplier * float(t.weight_decay)),
+      optax.sgd(schedule, momentum=float(t.momentum), nesterov=False))
+
+
+def params_rules(config) -> Dict[str, Dict[str, float]]:
+  """config.train.params_rules (pattern, lr_multiplier, wd_multiplier) as {pattern: {...}}."""
+  rules = config.train.get('params_rules', ()) or ()
+  return {str(pattern): {'lr_multiplier': float(lr_mult), 'wd_multiplier': float(wd_mult)}
+          for pattern, lr_mult, wd_mult in rules}
+
+
+BASE_GROUP = 'base_setting'     # the group of parameters no rule matches (the reference's name)
+
+
+def param_group_labels(params, rules, backbone_type: str = 'resnet'):
+  """The group of every parameter: the longest pattern contained in its reference name.
+
+  Names are those of the reference state_dict (`memseg_jax.convert.torch_key`), matched as the
+  reference's DefaultParamsConstructor does (substring, longest pattern first, ties by name).
+  """
+  from memseg_jax import convert  # pylint: disable=import-outside-toplevel
+  ordered = sorted(sorted(rules), key=len, reverse=True)
+
+  def label(path, _):
+    name = convert.torch_key(('params', *(p.key for p in path)), backbone_type)
+    return next((pattern for pattern in ordered if pattern in name), BASE_GROUP)
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
 def create_optimizer(config, lr_schedule: Callable) -> optax.GradientTransformation:
   """torch.optim.SGD(momentum, dampening 0, no nesterov, weight_decay) as in the reference.
 
   The weight decay is added to the gradient of every parameter (BN and biases included) before
   the momentum buffer: buf = mu * buf + (g + wd * p); p -= lr_t * buf.
+
+  With `config.train.params_rules` (the reference's `params_rules`), the parameters form groups
+  (`param_group_labels`); group g runs the same SGD with lr_t * lr_multiplier_g (the reference's
+  PolyScheduler sets group.lr = lr_multiplier * target lr before each step) and weight decay *
+  wd_multiplier_g. Without rules the optimizer (and its state layout) is the single-group one.
   """
-  t = config.train
-  return optax.chain(
-      optax.add_decayed_weights(float(t.weight_decay)),
-      optax.sgd(lr_schedule, momentum=float(t.momentum), nesterov=False))
+  rules = params_rules(config)
+  if not rules:
+    return _sgd(config, lr_schedule)
+  transforms = {BASE_GROUP: _sgd(config, lr_schedule)}
+  for pattern, rule in rules.items():
+    transforms[pattern] = _sgd(config, lr_schedule, rule['lr_multiplier'], rule['wd_multiplier'])
+  backbone_type = config.model.backbone.type
+  return optax.multi_transform(
+      transforms, functools.partial(param_group_labels, rules=rules, backbone_type=backbone_type))
 
 
 @functools.lru_cache(maxsize=8)
@@ -170,10 +217,10 @@ def make_train_step(config, model, tx, lr_schedule, mesh: Mesh, *, memory_loss: 
   (B global); the state is replicated. Metrics are device means of each loss term, plus 'lr'
   and 'memory_momentum'.
   """
-  has_memory = config.model.name == 'mcibi'
-  mutable = ['batch_stats', 'memory'] if has_memory else ['batch_stats']
-
   def step_fn(state: TrainState, batch):
+    # The models with a memory (MCIBI, MCIBI++) are those whose state holds one.
+    has_memory = bool(state.memory)
+    mutable = ['batch_stats', 'memory'] if has_memory else ['batch_stats']
     lr = lr_schedule(state.step)
     device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                     lax.axis_index(AXIS))

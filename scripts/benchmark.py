@@ -6,6 +6,7 @@
     python scripts/benchmark.py --models=mcibi --train_sizes=512 --reps=5
     python scripts/benchmark.py --backbone=hrnetv2w48             # HRNet MCIBI: train 128, eval
     python scripts/benchmark.py --backbone=s101                   # S-101 MCIBI: train 128, eval
+    python scripts/benchmark.py --models=mcibipp_upernet --train_sizes=128 --skip_update
 
 One run prints one table (every figure side by side: memseg_jax, the reference, their ratio)
 and writes the same numbers as JSON to --output. Cases, for the ADE20K R-50-D8 MCIBI model and
@@ -86,6 +87,10 @@ REF_IGNORE = -100           # the reference's ignore label; the project uses 255
 SLIDE_SHAPE = (1024, 2048)
 SLIDE_CROP = (512, 1024)
 SLIDE_STRIDE = (341, 341)
+# Models besides the MCIBI / DeepLabV3 of configs/ade20k.py: name -> (config, MCIBI++ variant of
+# tests/mcibipp_reference.py). `mcibipp_upernet` is MCIBI++ UPerNet R-50-D8 (ADE20K): its train
+# step has no memory loss (the reference's forward gets the lr and epoch all the same).
+EXTRA_MODELS = {'mcibipp_upernet': ('configs/mcibipp/upernet_ade20k.py', 'upernet')}
 
 
 def _hrnet_reference_cfg(model_name):
@@ -110,7 +115,7 @@ def _s101_reference_cfg(model_name):
 # tweak, the models it runs, and the default train sizes and slide case.
 BACKBONES = {
     'r50': dict(config='ade20k.py', reference=lambda model_name: None, adapt=lambda c: c,
-                models=('mcibi', 'deeplabv3'), train_sizes='128,512', slide=True),
+                models=('mcibi', 'deeplabv3', *EXTRA_MODELS), train_sizes='128,512', slide=True),
     'hrnetv2w48': dict(config='ade20k_hrnetv2w48.py', reference=_hrnet_reference_cfg,
                        adapt=_hrnet_config, models=('mcibi',), train_sizes='128', slide=False),
     's101': dict(config='ade20k_s101.py', reference=_s101_reference_cfg, adapt=lambda c: c,
@@ -120,7 +125,8 @@ BACKBONES = {
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--models', default='mcibi,deeplabv3', help='comma list: mcibi, deeplabv3')
+  p.add_argument('--models', default='mcibi,deeplabv3',
+                 help='comma list: mcibi, deeplabv3, mcibipp_upernet')
   p.add_argument('--backbone', default='r50', choices=sorted(BACKBONES),
                  help='the model: backbone of the ADE20K MCIBI config (BACKBONES)')
   p.add_argument('--train_sizes', default=None,
@@ -255,10 +261,13 @@ class Context:
 
   def config(self, model_name, crop):
     from memseg_jax.config_validation import load_config  # pylint: disable=import-outside-toplevel
-    backbone = BACKBONES[self.args.backbone]
-    config = backbone['adapt'](load_config(os.path.join(REPO_ROOT, 'configs',
-                                                        backbone['config'])))
-    config.model.name = model_name
+    if model_name in EXTRA_MODELS:
+      config = load_config(os.path.join(REPO_ROOT, EXTRA_MODELS[model_name][0]))
+    else:
+      backbone = BACKBONES[self.args.backbone]
+      config = backbone['adapt'](load_config(os.path.join(REPO_ROOT, 'configs',
+                                                          backbone['config'])))
+      config.model.name = model_name
     config.model.dtype = self.args.dtype
     if self.args.naive_update:
       config.model.memory.fused_update = False
@@ -285,8 +294,12 @@ class Context:
     from memseg_jax import convert  # pylint: disable=import-outside-toplevel
     ru = self.reference
     if model_name not in self._calibrated:
-      cfg = (BACKBONES[self.args.backbone]['reference'](model_name)
-             or ru.reference_cfg(model=model_name))
+      if model_name in EXTRA_MODELS:
+        from tests import mcibipp_reference  # pylint: disable=import-outside-toplevel
+        cfg = mcibipp_reference.reference_cfg(EXTRA_MODELS[model_name][1])
+      else:
+        cfg = (BACKBONES[self.args.backbone]['reference'](model_name)
+               or ru.reference_cfg(model=model_name))
       with self._reference_context():
         self._calibrated[model_name] = ru.build_reference(
             cfg, 'TEST', calibration_images=images_nchw, random_memory=True)
@@ -448,7 +461,7 @@ def bench_train(ctx, model_name, size):
     x = torch.from_numpy(np.ascontiguousarray(images_nchw))
     y = torch.from_numpy(_to_ref_labels(labels)).long()
     kwargs = ({'learning_rate': float(lr_schedule(total_steps // 2)), 'epoch': 2}
-              if model_name == 'mcibi' else {})
+              if model_name in ('mcibi', *EXTRA_MODELS) else {})
 
     def ref_call():
       optimizer.zero_grad()
@@ -641,7 +654,8 @@ def summarize(ctx):
       headline['update_fused_fraction_of_train_step_512'] = (
           fused['time']['median'] / train512['jax']['median'])
   for key in ('train_mcibi_128', 'train_deeplabv3_128', 'train_mcibi_512', 'train_deeplabv3_512',
-              'eval_mcibi_512', 'eval_deeplabv3_512', 'slide_mcibi_1024x2048'):
+              'eval_mcibi_512', 'eval_deeplabv3_512', 'slide_mcibi_1024x2048',
+              'train_mcibipp_upernet_128', 'eval_mcibipp_upernet_512'):
     if key in r and 'ratio' in r[key]:
       headline[f'{key}_jax_over_ref'] = r[key]['ratio']
   if peak:
@@ -665,8 +679,9 @@ def main(argv=None):
           flush=True)
     models = [m for m in models if m in backbone['models']]
   for m in models:
-    if m not in ('mcibi', 'deeplabv3'):
-      raise ValueError(f"--models: unknown model {m!r} (expected 'mcibi' or 'deeplabv3')")
+    if m not in ('mcibi', 'deeplabv3', *EXTRA_MODELS):
+      raise ValueError(f"--models: unknown model {m!r} (expected 'mcibi', 'deeplabv3' or one "
+                       f"of {', '.join(EXTRA_MODELS)})")
   train_sizes = backbone['train_sizes'] if args.train_sizes is None else args.train_sizes
   sizes = [int(s) for s in train_sizes.split(',') if s]
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)), '

@@ -12,6 +12,9 @@
   activations keep a useful scale through 50+ layers and every BN entry differs from its
   default.
 - `to_numpy_state_dict`, `nchw_to_nhwc`, `nhwc_to_nchw`: layout helpers at the boundary.
+- `vit_backbone_cfg`, `vit_mcibi_cfgs`, `randomize_vit`: the MCIBI ViT-L model (or a reduced
+  ViT of the same layout) on both sides, with the constant-initialised ViT parameters drawn at
+  random.
 """
 
 import copy
@@ -216,14 +219,16 @@ def calibrate_batchnorm(module, run_forward, *, seed=0):
   return module
 
 
-def build_reference(cfg, mode='TEST', *, seed=0, calibration_images=None, random_memory=False):
+def build_reference(cfg, mode='TEST', *, seed=0, calibration_images=None, random_memory=False,
+                    prepare=None):
   """The reference segmentor (CPU, float32) with random weights and calibrated BN.
 
   BN is calibrated (`calibrate_batchnorm`) on `calibration_images` (NCHW; pass the test's own
   images: a random network generalises poorly from other noise images; default two random
   64x64 images). With `random_memory` the memory is set to U[0, 1) first (a non-zero memory
-  for eval tests). Returned in `mode`: 'TEST' -> eval(), 'TRAIN' / 'TRAIN_DEVELOP' -> train()
-  with that mode.
+  for eval tests). `prepare(model, generator)`, if given, runs before the calibration (e.g. to
+  randomise parameters the reference initialises to constants). Returned in `mode`: 'TEST' ->
+  eval(), 'TRAIN' / 'TRAIN_DEVELOP' -> train() with that mode.
   """
   import torch
   BuildSegmentor, SSSegInputStructure = import_ssseg_builder()
@@ -234,6 +239,9 @@ def build_reference(cfg, mode='TEST', *, seed=0, calibration_images=None, random
   if calibration_images is None:
     calibration_images = torch.randn(2, 3, 64, 64, generator=gen)
   images = torch.as_tensor(np.asarray(calibration_images, np.float32))
+  if prepare is not None:
+    with torch.no_grad():
+      prepare(model, gen)
   if random_memory and hasattr(model, 'memory_module'):
     with torch.no_grad():
       memory = model.memory_module.memory
@@ -263,3 +271,90 @@ def nchw_to_nhwc(x):
 
 def nhwc_to_nchw(x):
   return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------- ViT
+# The reference's `jx_vit_large_p16_384` sizes (spec wave2 section 3).
+VIT_LARGE = dict(img_size=(512, 512), patch_size=16, embed_dims=1024, num_layers=24,
+                 num_heads=16, mlp_ratio=4, out_indices=(9, 14, 19, 23))
+
+
+def vit_backbone_cfg(*, drop_rate=0.0, **sizes):
+  """The reference's ViT backbone cfg of the MCIBI ViT-L configs, with `sizes` overridden.
+
+  1.7.0 asserts drop_rate 0.1 for structure_type 'jx_vit_large_p16_384' (AUTO_ASSERT); the
+  structure name here is not in that table, so the assertion does not run and drop_rate 0.0
+  (the released models' value) can be built. The name is used for nothing else when
+  `pretrained` is False.
+  """
+  arch = dict(VIT_LARGE, **sizes)
+  return {
+      'type': 'VisionTransformer', 'structure_type': 'jx_vit_large_p16_384_parity',
+      'img_size': tuple(arch['img_size']), 'out_indices': tuple(arch['out_indices']),
+      'norm_cfg': {'type': 'LayerNorm', 'eps': 1e-6}, 'pretrained': False,
+      'selected_indices': (0, 1, 2, 3), 'patch_size': arch['patch_size'],
+      'embed_dims': arch['embed_dims'], 'num_layers': arch['num_layers'],
+      'num_heads': arch['num_heads'], 'mlp_ratio': arch['mlp_ratio'], 'qkv_bias': True,
+      'drop_rate': drop_rate, 'attn_drop_rate': 0., 'drop_path_rate': 0.,
+      'with_cls_token': True, 'output_cls_token': False, 'patch_norm': False,
+      'final_norm': False, 'num_fcs': 2,
+  }
+
+
+def vit_mcibi_cfgs(*, config_file='ade20k_vitl.py', dropout=0.0, drop_rate=0.0, num_classes=None,
+                   **sizes):
+  """(reference cfg, memseg_jax config) of MCIBI ViT-L from `configs/<config_file>`.
+
+  `sizes` (embed_dims, num_layers, num_heads, out_indices, img_size, ...) shrink the ViT on
+  both sides; `dropout` is every head dropout (decoders and auxiliary heads), `drop_rate` the
+  ViT's. Head values (K, ASPP dilations, memory lr, memory loss) come from the config file.
+  """
+  spec = importlib.util.spec_from_file_location(
+      'memseg_vit_config', os.path.join(REPO_ROOT, 'configs', config_file))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  m = config.model
+  if num_classes is not None:
+    m.num_classes = num_classes
+  for key, value in sizes.items():
+    m.backbone[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+  m.backbone.drop_rate = drop_rate
+  m.head.dropout = dropout
+  m.auxiliary.dropout = dropout
+  dims = m.backbone.embed_dims
+  ce = lambda scale: {'type': 'CrossEntropyLoss', 'scale_factor': scale, 'ignore_index': -100,
+                      'reduction': 'mean'}
+  aux = {'in_channels': dims, 'out_channels': m.auxiliary.channels, 'dropout': dropout,
+         'num_convs': m.auxiliary.num_convs, 'upsample': {'scale_factor': m.auxiliary.upsample}}
+  cfg = reference_cfg(
+      num_classes=m.num_classes, dropout=dropout, aux_dropout=dropout,
+      base_lr=m.memory.base_lr, use_loss=m.memory.use_loss,
+      backbone=vit_backbone_cfg(drop_rate=drop_rate,
+                                **{k: m.backbone[k] for k in VIT_LARGE}),
+      head={'in_channels': dims,
+            'norm_cfg': {'in_channels_list': [dims] * 4, 'type': 'LayerNorm', 'eps': 1e-6},
+            'context_within_image': {'is_on': True, 'type': 'aspp',
+                                     'cfg': {'dilations': list(m.head.dilations)}}},
+      auxiliary=[dict(aux) for _ in range(m.auxiliary.num_heads)])
+  cfg['losses'].pop('loss_aux')
+  for i in range(m.auxiliary.num_heads):
+    cfg['losses'][f'loss_aux{i + 1}'] = ce(0.4)
+  return cfg, config
+
+
+def randomize_vit(model, gen, *, pos_scale=0.5):
+  """Draws the ViT parameters the reference initialises to constants (cls token and position
+  embedding zeros, LayerNorm 1/0, attention biases 0) at random, in `model.backbone_net` and
+  the segmentor's `norm_layers`, so that each of them influences the outputs of a test."""
+  import torch
+  modules = [model.backbone_net] + ([model.norm_layers] if hasattr(model, 'norm_layers') else [])
+  for module in modules:
+    for name, p in module.named_parameters():
+      if name.endswith(('cls_token', 'pos_embed')):
+        p.copy_(pos_scale * torch.randn(p.shape, generator=gen))
+      elif (name.endswith('weight') and p.ndim == 1):       # LayerNorm scales
+        p.copy_(torch.empty(p.shape).uniform_(0.8, 1.25, generator=gen))
+      elif name.endswith('bias'):
+        p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+  return model

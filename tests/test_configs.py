@@ -4,8 +4,10 @@ Each config keeps its model structure (backbone depth, head, activation, classes
 loss settings) except where noted: crops shrink to 64x64 (Cityscapes 64x128), the global
 batch to 8, and, to keep the test within minutes on a CPU, every backbone deeper than 50
 layers (ade20k_r101) runs as R-50, the non-ADE20K configs (same R-50 structure as ADE20K) as
-R-18, the S-101 configs as S-50 and the HRNet-W48 configs as HRNetV2-W18-small. The step's lr
-and memory momentum are checked against the config's schedule values.
+R-18 (MCIBI++ in configs/mcibipp/ likewise), the S-101 configs as S-50, the HRNet-W48 configs
+as HRNetV2-W18-small, and the ViT-L configs as a ViT of the same layout with 4 blocks of 64
+channels (every block an output; the 32x32 position embedding is resized to the 4x4 token
+grid). The step's lr and memory momentum are checked against the config's schedule values.
 """
 
 import os
@@ -19,7 +21,11 @@ from memseg_jax.config_validation import load_config, validate
 from memseg_jax.models import build_model
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-CONFIG_FILES = sorted(n for n in os.listdir(CONFIGS) if n.endswith('.py'))
+# Every config file, subfolders included (paths relative to configs/); files whose name starts
+# with '_' are helpers that configs import (configs/mcibipp/_base.py), not configs.
+CONFIG_FILES = sorted(os.path.relpath(os.path.join(root, n), CONFIGS)
+                      for root, _, names in os.walk(CONFIGS) for n in names
+                      if n.endswith('.py') and not n.startswith('_'))
 SMALLER_BACKBONE = {'ade20k_r101.py': 50, 'cityscapes.py': 18, 'lip.py': 18,
                     'cocostuff10k.py': 18, 'default.py': 18}
 # The S-101 configs run as S-50 (ResNeSt's other depth: same stem, blocks and head wiring).
@@ -27,15 +33,39 @@ SMALLER_BACKBONE.update({f'{d}_s101.py': 50 for d in ('ade20k', 'cityscapes', 'l
                                                       'cocostuff10k')})
 # HRNet configs run the narrowest reference arch (same stages, branches and head wiring).
 SMALLER_HRNET_ARCH = 'hrnetv2_w18_small'
+SMALLER_VIT = dict(embed_dims=64, num_layers=4, num_heads=4, out_indices=(0, 1, 2, 3))
+# MCIBI++: the ADE20K variants and the UPerNet baseline keep their R-50, the other datasets'
+# (the same heads) run on R-18.
+SMALLER_BACKBONE.update({f'mcibipp/{d}_{s}.py': 18
+                         for d in ('fcn', 'pspnet', 'deeplabv3', 'upernet')
+                         for s in ('cityscapes', 'lip', 'cocostuff10k')})
 
 
 def test_all_expected_configs_exist():
+  mcibipp = [f'mcibipp/{d}_{s}.py' for d in ('fcn', 'pspnet', 'deeplabv3', 'upernet')
+             for s in ('ade20k', 'cityscapes', 'lip', 'cocostuff10k')]
   for name in ('default.py', 'ade20k.py', 'ade20k_r101.py', 'cityscapes.py', 'lip.py',
-               'cocostuff10k.py', 'demo.py'):
+               'cocostuff10k.py', 'demo.py', 'ade20k_vitl.py', 'cocostuff10k_vitl.py',
+               'upernet_ade20k.py', 'demo_mcibipp.py', *mcibipp,
+               *(f'{d}_s101.py' for d in ('ade20k', 'cityscapes', 'lip', 'cocostuff10k'))):
     assert name in CONFIG_FILES
     with open(os.path.join(CONFIGS, name)) as f:
       doc = f.read().split('"""')[1]
     assert 'python -m memseg_jax.main --config=configs/' in doc, name
+
+
+def test_every_config_loads_from_its_folder_and_validates():
+  """Configs in subfolders load their base with load_sibling_config(__file__, '../name')."""
+  assert any('/' in name for name in CONFIG_FILES)
+  for name in CONFIG_FILES:
+    config = load_config(os.path.join(CONFIGS, name))
+    validate(config, 8)
+    if name.startswith('mcibipp/'):
+      decoder, dataset = name[len('mcibipp/'):-3].split('_')
+      assert config.model.name == 'mcibipp'
+      assert config.data.name == dataset
+      assert config.model.mcibipp.fpn == (decoder == 'upernet')
+      assert config.model.memory.use_context_within_image == (decoder != 'fcn')
 
 
 @pytest.mark.slow
@@ -51,6 +81,8 @@ def test_one_train_step_of_every_config(name):
     config.model.backbone.depth = SMALLER_BACKBONE[name]
   if config.model.backbone.type == 'hrnet':
     config.model.backbone.arch = SMALLER_HRNET_ARCH
+  if config.model.backbone.type == 'vit':
+    config.model.backbone.update(SMALLER_VIT)
   validate(config, 8)
 
   mesh = train.create_mesh()
@@ -83,8 +115,13 @@ def test_one_train_step_of_every_config(name):
     assert float(metrics['memory_momentum']) == pytest.approx(
         mem.base_momentum * lr0 / mem.base_lr, rel=1e-5)
     assert ('loss_memory' in metrics) == bool(mem.use_loss)
+  if config.model.name == 'mcibipp':     # the reference's fixed momentum, no memory loss
+    assert float(metrics['memory_momentum']) == pytest.approx(0.1)
+    assert 'loss_memory' not in metrics
+    assert ('loss_cwi' in metrics) == bool(config.model.memory.use_context_within_image)
   # Random labels: every CE term starts near ln(K) (a loose, independent bound).
-  for term in ('loss_stage2', 'loss_stage1', 'loss_aux', 'loss_cls'):
+  for term in ('loss_stage2', 'loss_stage1', 'loss_aux', 'loss_cls', 'loss_aux1', 'loss_aux2',
+               'loss_aux3', 'loss_pr', 'loss_cwi'):
     if term in metrics:
       assert 0.3 * np.log(k) < float(metrics[term]) < 3 * np.log(k), (term, metrics[term])
   moved = [np.abs(np.asarray(a) - b).max()

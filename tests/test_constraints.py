@@ -1,6 +1,7 @@
 """constraints.txt (the pinned install of README and CI) agrees with pyproject.toml.
 
-scripts/update_constraints.sh writes constraints.txt from a fresh install of the `ci` extra.
+scripts/update_constraints.sh writes constraints.txt from a fresh install of the `ci` extra
+(what the README's set-up installs) and the `aot` extra (which CI adds for its slow tests).
 When a dependency or an extra changes in pyproject.toml and the file is not regenerated, an
 install with `-c constraints.txt` either fails to resolve (a pin that contradicts pyproject) or
 silently takes whatever is newest (a dependency the file does not pin). This test catches both.
@@ -17,6 +18,7 @@ from packaging.version import Version
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_EXTRA = 'ci'
+PINNED_EXTRAS = (CI_EXTRA, 'aot')     # what constraints.txt covers
 _PIN = re.compile(r'^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)$')
 
 
@@ -38,7 +40,7 @@ def parse_constraints(text: str) -> dict:
 
 
 def ci_requirements(pyproject: dict) -> list:
-  """(extra or 'base', Requirement) of the base dependencies and the `ci` extra, expanded.
+  """(extra or 'base', Requirement) of the base dependencies and the pinned extras, expanded.
 
   The `ci` extra names this project's own extras (`memseg_jax[test,parity]`); those are
   expanded recursively. Requirements whose environment marker is false on this platform (with
@@ -66,10 +68,12 @@ def ci_requirements(pyproject: dict) -> list:
         out.append((group, req))
 
   add('base', project.get('dependencies', []))
-  if CI_EXTRA not in extras:
-    raise ValueError(f'pyproject.toml: no {CI_EXTRA!r} extra')
-  seen.add(CI_EXTRA)
-  add(CI_EXTRA, extras[CI_EXTRA])
+  for name in PINNED_EXTRAS:
+    if name not in extras:
+      raise ValueError(f'pyproject.toml: no {name!r} extra')
+    if name not in seen:
+      seen.add(name)
+      add(name, extras[name])
   return out
 
 

@@ -25,6 +25,8 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 SEGMENTORS = {
     'mcibi': ('memseg_jax.models.mcibi', 'MCIBI'),
     'deeplabv3': ('memseg_jax.models.mcibi', 'DeepLabV3'),
+    'mcibipp': ('memseg_jax.models.mcibipp', 'MCIBIPlusPlus'),
+    'upernet': ('memseg_jax.models.mcibipp', 'UPerNet'),
 }
 
 
@@ -99,5 +101,12 @@ def build_model(config, axis_name: Optional[str] = None, *, platform: Optional[s
       axis_name=axis_name,
       dtype=_DTYPES[m.dtype],
       conv_impl=resolve_conv_impl(m.get('conv_impl', 'auto'), platform),
+      # ViT-L head additions and rematerialisation (absent from older saved configs).
+      norm_layers=bool(m.head.get('norm_layers', False)),
+      norm_eps=float(m.head.get('norm_eps', 1e-6)),
+      aux_num_convs=int(m.auxiliary.get('num_convs', 1)),
+      aux_upsample=int(m.auxiliary.get('upsample', 0)),
+      aux_num_heads=int(m.auxiliary.get('num_heads', 1)),
+      remat=bool(m.get('remat', False)),
   )
   return cls(**common, **cls.config_fields(config))

@@ -9,7 +9,7 @@ MCIBI forward (reference `ssseg/modules/models/segmentors/mcibi/mcibi.py`):
     preds_stage1  = decoder_stage1(F)                      # coarse logits
     memory, out   = memory_module(F, preds_stage1, feats_ms)
     preds_stage2  = decoder_stage2(out)                    # final logits (eval output)
-    preds_aux     = auxiliary_decoder(C4)
+    preds_aux     = auxiliary_decoder(C4)      # ViT-L: three heads, on outputs[-4:-1]
 
 In training, when labels and the learning rate are given, the memory is also updated from F
 (detached, upsampled to the label size) and, if asked, `decoder_stage2` classifies the *updated*
@@ -35,7 +35,7 @@ from jax import lax
 from memseg_jax import ops
 from memseg_jax.models import backbones
 from memseg_jax.models import memory as memory_lib
-from memseg_jax.models.heads import ASPP, PPM, ClassifierHead, DecoderHead
+from memseg_jax.models.heads import ASPP, PPM, AuxiliaryDecoder, ClassifierHead, DecoderHead
 from memseg_jax.models.layers import ConvBNAct
 
 # config.model.backbone of the R-50-D8 (as `build_model` freezes it: sorted (key, value) pairs).
@@ -74,6 +74,13 @@ class _Segmentor(nn.Module):
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
+  # ViT-L heads (reference `head.norm_cfg`, a list of auxiliary cfgs) and memory savings.
+  norm_layers: bool = False      # LayerNorm over channels on each selected backbone output
+  norm_eps: float = 1e-6
+  aux_num_convs: int = 1         # 3x3 CBRs per auxiliary head
+  aux_upsample: int = 0          # nearest upsampling factor after each of them (0: none)
+  aux_num_heads: int = 1         # heads on the last n selected outputs before the head's
+  remat: bool = False            # rematerialise backbone blocks in the backward pass
 
   # Whether the segmentor's own layers take `valid_hw` (the backbone says so for itself).
   SUPPORTS_VALID_HW = True
@@ -98,6 +105,8 @@ class _Segmentor(nn.Module):
   def _backbone(self, images, train, valid_hw) -> Tuple[List[Any], List[Any]]:
     """(selected backbone outputs, their valid sizes (None when unpadded)), in selected order."""
     cfg = dict(self.backbone)
+    if self.remat:
+      cfg['remat'] = True
     module = backbones.get(cfg['type'])
     outputs = module.build(cfg, name='backbone_net', **self._norm_kwargs(train))(
         images, *(() if valid_hw is None else (self._check_valid(images, valid_hw),)))
@@ -105,7 +114,14 @@ class _Segmentor(nn.Module):
     selected = [outputs[i] for i in self.selected_indices]
     valids = [None if valid_hw is None else -(-valid_hw // strides[i])
               for i in self.selected_indices]
-    return selected, valids
+    return self._norm_outputs(selected), valids
+
+  def _norm_outputs(self, outputs):
+    """The reference's `norm_layers`: LayerNorm over channels of each output, before all else."""
+    if not self.norm_layers:
+      return outputs
+    return [nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, use_fast_variance=False,
+                         name=f'norm_layers_{i}')(x) for i, x in enumerate(outputs)]
 
   def _check_valid(self, images, valid_hw):
     if images.shape[0] != valid_hw.shape[0]:
@@ -123,14 +139,29 @@ class _Segmentor(nn.Module):
                      "(expected 'aspp' or 'ppm')")
 
   def _auxiliary(self, features, outputs, train):
-    """The FCN auxiliary head on `features` (the selected output before the head's)."""
+    """The auxiliary head(s) on `features`, the selected outputs before the head's.
+
+    One head (the FCN head on C4): 'preds_aux'. n heads (ViT-L: 3): head i reads
+    features[-n + i] and gives 'preds_aux{i+1}' (the reference's `loss_aux{i+1}`).
+    """
     # Built at init so the variables exist for eval-only checkpoints too.
-    if self.aux_enabled and (train or self.is_initializing()):
-      preds_aux = DecoderHead(num_classes=self.num_classes, features=self.aux_channels,
-                              kernel_size=3, dropout=self.aux_dropout, act=self.act,
-                              name='auxiliary_decoder', **self._norm_kwargs(train))(features)
+    if not (self.aux_enabled and (train or self.is_initializing())):
+      return
+    n = self.aux_num_heads
+    if n > len(features):
+      raise ValueError(f'model.auxiliary.num_heads={n} needs {n} backbone outputs before the '
+                       f"head's, model.backbone.selected_indices gives {len(features)}")
+    for i, x in enumerate(features[len(features) - n:]):
+      name = 'auxiliary_decoder' if n == 1 else f'auxiliary_decoder_{i}'
+      kwargs = dict(num_classes=self.num_classes, features=self.aux_channels,
+                    dropout=self.aux_dropout, act=self.act, name=name, **self._norm_kwargs(train))
+      if self.aux_num_convs == 1 and not self.aux_upsample:
+        head = DecoderHead(kernel_size=3, **kwargs)
+      else:
+        head = AuxiliaryDecoder(num_convs=self.aux_num_convs, upsample=self.aux_upsample, **kwargs)
+      preds_aux = head(x)
       if train:
-        outputs['preds_aux'] = preds_aux.astype(jnp.float32)
+        outputs['preds_aux' if n == 1 else f'preds_aux{i + 1}'] = preds_aux.astype(jnp.float32)
 
 
 class MCIBI(_Segmentor):
@@ -251,7 +282,7 @@ class MCIBI(_Segmentor):
     preds_stage2 = decoder_stage2(memory_output)                           # (B, h, w, K)
 
     outputs = {'logits': preds_stage2.astype(jnp.float32)}
-    self._auxiliary(features[-2], outputs, train)
+    self._auxiliary(features[:-1], outputs, train)
     if not train:
       return outputs
     outputs['preds_stage1'] = preds_stage1.astype(jnp.float32)
@@ -283,5 +314,5 @@ class DeepLabV3(_Segmentor):
     logits = ClassifierHead(num_classes=self.num_classes, dropout=self.dropout, train=train,
                             dtype=self.dtype, conv_impl=self.conv_impl, name='decoder')(feats)
     outputs = {'logits': logits.astype(jnp.float32)}
-    self._auxiliary(features[-2], outputs, train)
+    self._auxiliary(features[:-1], outputs, train)
     return outputs

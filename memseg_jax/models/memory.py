@@ -1,9 +1,10 @@
-"""The features memory of MCIBI: its state, how it is read, how it is updated, and its loss.
+"""The features memories of MCIBI and MCIBI++: state, read, update rule, and MCIBI's loss.
 
 This file tells the paper's central idea end to end ("Mining Contextual Information Beyond
-Image", spec sections 1.2 item 5, 2, 3, 4 and 8). Everything numeric is a pure, jittable
-function; `FeaturesMemory` is the one Linen module, owning the parameters of the read path and
-the memory variable.
+Image", spec sections 1.2 item 5, 2, 3, 4 and 8), then its follow-up's distribution memory
+(last section below). Everything numeric is a pure, jittable function; `FeaturesMemory`
+(MCIBI) and `FeaturesMemoryV2` (MCIBI++) are the Linen modules, owning the parameters of the
+read path and the memory variable.
 
 State (spec 1.4, 3)
   M: (K, n, C) float32, one (n = `num_feats_per_cls` = 1 in every shipped config) C-vector per
@@ -54,8 +55,32 @@ Known difference from the reference: when every pixel of a class (or slot) has c
 similarity exactly 1 with the stored vector, the reference divides 0 by 0 and writes NaN into
 that row, which the next read spreads to every pixel; here that class takes the plain mean of
 its pixels instead. Nothing else changes.
+
+The distribution memory of MCIBI++ (TPAMI 2022; reference `FeaturesMemoryV2`, wave-2 spec 5.1)
+  State: (K, 2) float32, row c = [mean_c, std_c], initialised to (0, 1); the same `'memory'`
+  collection, never a parameter. There is no lazy initialisation and no memory loss.
+  Read (`read_distribution_memory`, `FeaturesMemoryV2.__call__`): the C-vector of class c is
+  mean_c + std_c * z_c, where z is a fixed (K, C) standard-normal matrix. The reference draws
+  it on every forward with `torch.manual_seed(c); torch.normal(...)`, which ATen computes as
+  z_c = normal_(0, 1) then `mul_(std).add_(mean)`: z_c depends on c only. z ships with the
+  package (`data/mcibipp_noise.npy`, drawn once with PyTorch by scripts/make_mcibipp_noise.py)
+  and the read is the same two float32 operations, so it is bit-identical to the reference's.
+  Then soft (or hard) gathering with softmax(gathering logits) @ read, gradients flowing
+  through the softmax; SelfAttention(query=F, key/value=gathered), optionally after a shared
+  stride-2 3x3 CBR on both and bilinearly resized back; 3x3 CBR([F, attended]).
+  Update (`update_distribution_memory`, `..._fused`): for each class c present in the local
+  batch, f_c = mean of its pixels of F upsampled bilinearly to the labels (a C-vector);
+  mean_c <- (1 - m) mean_c + m * mean(f_c), std_c <- (1 - m) std_c + m * std(f_c) (unbiased
+  over the C entries), m = 0.1 fixed by the configs. Multi-device: per device, then
+  `sync_memory` (pmean), as for MCIBI.
+  Known difference: the reference's `torch.manual_seed(c)` in every forward also reseeds
+  torch's global CPU and CUDA generators (to K - 1), so its dropout masks repeat every
+  iteration (and its data-loader workers' seeds repeat every epoch). That side effect is not
+  reproduced: the read here needs no random numbers, and dropout keeps its per-step keys.
 """
 
+import functools
+import os
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -66,7 +91,8 @@ from jax import lax
 
 from memseg_jax import ops
 from memseg_jax.models.attention import SelfAttentionBlock
-from memseg_jax.models.layers import ConvBNAct
+from memseg_jax.models.heads import resize_bilinear_valid
+from memseg_jax.models.layers import ConvBNAct, downsample_valid
 
 # torch.nn.functional.cosine_similarity divides each vector by max(norm, 1e-8);
 # F.normalize (used to assign pixels to slots when n > 1) by max(norm, 1e-12).
@@ -534,5 +560,266 @@ class FeaturesMemory(nn.Module):
     fn = update_memory_fused if fused else update_memory
     new_memory = fn(memory, lax.stop_gradient(features), labels, momentum=momentum,
                     ignore_index=ignore_index, strategy=strategy)
+    self.put_variable('memory', 'memory', new_memory)
+    return new_memory
+
+
+# ============================================================= MCIBI++: the distribution memory
+NOISE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
+                          'mcibipp_noise.npy')
+
+
+@functools.lru_cache(maxsize=1)
+def _noise_table() -> np.ndarray:
+  if not os.path.exists(NOISE_FILE):
+    raise FileNotFoundError(f'{NOISE_FILE} is missing: reinstall memseg_jax or run '
+                            'scripts/make_mcibipp_noise.py')
+  table = np.load(NOISE_FILE)
+  table.setflags(write=False)
+  return table
+
+
+def memory_noise(num_classes: int, channels: int) -> np.ndarray:
+  """The fixed (K, C) standard-normal matrix z of the MCIBI++ read (float32, read-only).
+
+  Row c is the reference's draw after `torch.manual_seed(c)`. The stored table has 182 rows
+  and 512 columns; a narrower C (a multiple of 16) is a prefix of each row, exactly what the
+  reference draws for that width (ATen's vectorised normal kernel; see
+  scripts/make_mcibipp_noise.py). Other widths are refused: the reference's draw for them is
+  not a prefix, and no released model uses one.
+  """
+  table = _noise_table()
+  rows, cols = table.shape
+  if not 0 < num_classes <= rows:
+    raise ValueError(f'model.num_classes={num_classes}: the MCIBI++ memory noise is stored for '
+                     f'at most {rows} classes ({NOISE_FILE})')
+  if not (0 < channels <= cols and channels % 16 == 0):
+    raise ValueError(f'model.head.feats_channels={channels}: the MCIBI++ memory noise exists '
+                     f'for multiples of 16 up to {cols} channels')
+  return table[:num_classes, :channels]
+
+
+def init_distribution_memory(num_classes: int):
+  """(K, 2) float32 [mean, std] = (0, 1) per class, the reference's initial memory."""
+  return jnp.tile(jnp.asarray([[0.0, 1.0]], jnp.float32), (num_classes, 1))
+
+
+def _without_contraction(x):
+  """x, in a form the compiler cannot fuse with a following add into a fused multiply-add.
+
+  XLA:CPU always allows LLVM to contract a multiply and an add into an FMA (one rounding
+  instead of two), and fuses `z * std + mean` into one loop, where that happens (measured:
+  ~25k of 93k entries then differ from PyTorch's two-op result in the last bit). A select on
+  the product's NaN-ness returns the product itself for every value, but stands between the
+  multiply and the add, so codegen keeps the two roundings.
+  """
+  return jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, x.dtype), x)
+
+
+def read_distribution_memory(memory, noise):
+  """The (K, C) read vectors mean_c + std_c * z_c, rounded as the reference rounds them.
+
+  Args:
+    memory: (K, 2) float32 [mean, std].
+    noise: (K, C) float32 z (`memory_noise`).
+  """
+  if memory.ndim != 2 or memory.shape[1] != 2 or noise.shape[0] != memory.shape[0]:
+    raise ValueError(f'read_distribution_memory: memory {memory.shape} must be (K, 2) and the '
+                     f'noise {noise.shape} (K, C)')
+  memory = memory.astype(jnp.float32)
+  # torch: normal_(0, 1), then mul_(std), then add_(mean): two float32 roundings.
+  scaled = _without_contraction(jnp.asarray(noise, jnp.float32) * memory[:, 1:2])
+  return scaled + memory[:, 0:1]
+
+
+def _distribution_step(memory, class_mean, counts, momentum):
+  """(K, 2) memory after the momentum step of every class with counts > 0 (others bit-equal)."""
+  c = class_mean.shape[-1]
+  mu = jnp.mean(class_mean, axis=-1)                                     # (K,)
+  sigma = jnp.sqrt(jnp.sum(jnp.square(class_mean - mu[:, None]), axis=-1) / (c - 1))
+  m = jnp.asarray(momentum, jnp.float32)
+  stepped = (1 - m) * memory + m * jnp.stack([mu, sigma], axis=-1)
+  return jnp.where((counts > 0)[:, None], stepped, memory)
+
+
+def _check_distribution_args(memory, labels, what):
+  if memory.ndim != 2 or memory.shape[1] != 2:
+    raise ValueError(f'{what}: memory must be (K, 2) [mean, std], got shape {memory.shape}')
+  if labels.ndim != 3:
+    raise ValueError(f'{what}: labels must be (B, H, W), got shape {labels.shape}')
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f'{what}: labels must be integers, got dtype {labels.dtype}')
+
+
+def update_distribution_memory(memory, features, labels, *, momentum, ignore_index: int = 255):
+  """The reference's `FeaturesMemoryV2.update` on features at label resolution (one graph).
+
+  Args:
+    memory: (K, 2) float32 [mean, std].
+    features: (B, H, W, C) pixel representations, already upsampled to the labels.
+    labels: (B, H, W) integers; `ignore_index` and values outside [0, K) are skipped.
+    momentum: m (Python float or traced scalar).
+    ignore_index: the ignore label.
+
+  Returns:
+    The new (K, 2) memory of this device (averaging across devices: `sync_memory`).
+  """
+  what = 'update_distribution_memory'
+  _check_distribution_args(memory, labels, what)
+  if features.shape[:3] != labels.shape:
+    raise ValueError(f'{what}: features {features.shape} and labels {labels.shape} must share '
+                     '(B, H, W): upsample the features to the label size first')
+  k, c = memory.shape[0], features.shape[-1]
+  x = features.astype(jnp.float32).reshape(-1, c)                        # (N, C)
+  y = labels.reshape(-1)
+  valid = _valid_labels(y, k, ignore_index)
+  onehot = jax.nn.one_hot(jnp.where(valid, y, k), k, dtype=jnp.float32)  # (N, K)
+  sums = jnp.einsum('nk,nc->kc', onehot, x, precision=_HIGHEST)
+  counts = jnp.sum(onehot, axis=0)
+  return _distribution_step(memory.astype(jnp.float32),
+                            _safe_divide(sums, counts[:, None]), counts, momentum)
+
+
+def _upsampled_class_sums(features_lowres, labels, num_classes: int, ignore_index: int):
+  """(sums (K, C), counts (K,)) of F upsampled bilinearly to the labels, without upsampling.
+
+  Output pixel p of the upsampled map is x_p = sum_t a_pt f_t over its 2x2 low-resolution
+  neighbourhood (weights of `ops.interp_matrix`), so sum_{p in c} x_p = sum_t W_c[t] f_t with
+  the low-resolution weight map W_c[t] = sum_{p in c} a_pt: a scatter of four scalars per
+  pixel, then one (K, pixels) x (pixels, C) product. Nothing of size (B, H, W, C) is formed.
+  """
+  k = num_classes
+  b, h, w, _ = features_lowres.shape
+  out_h, out_w = labels.shape[1:]
+  f_pad = jnp.pad(features_lowres.astype(jnp.float32), ((0, 0), (0, 1), (0, 1), (0, 0)),
+                  mode='edge')                                           # (B, h+1, w+1, C)
+  hi0, hw0, hw1 = _bilinear_taps(h, out_h)
+  wi0, ww0, ww1 = _bilinear_taps(w, out_w)
+  valid = _valid_labels(labels, k, ignore_index)                         # (B, H, W)
+  cls = jnp.where(valid, labels, k)                                      # bin K collects the rest
+  hp, wp = h + 1, w + 1
+  base = ((jnp.arange(b)[:, None, None] * hp + jnp.asarray(hi0)[None, :, None]) * wp
+          + jnp.asarray(wi0)[None, None, :])                 # (B, H, W) indices into (B, hp, wp)
+  weights = jnp.zeros((b * hp * wp * (k + 1),), jnp.float32)
+  for dr, dc, a in ((0, 0, np.outer(hw0, ww0)), (0, 1, np.outer(hw0, ww1)),
+                    (1, 0, np.outer(hw1, ww0)), (1, 1, np.outer(hw1, ww1))):
+    idx = ((base + dr * wp + dc) * (k + 1) + cls).reshape(-1)
+    weights = weights.at[idx].add(jnp.broadcast_to(jnp.asarray(a), labels.shape).reshape(-1))
+  weights = weights.reshape(b, hp, wp, k + 1)[..., :k]
+  sums = jnp.einsum('bhwk,bhwc->kc', weights, f_pad, precision=_HIGHEST)
+  counts = jnp.zeros((k + 1,), jnp.float32).at[cls.reshape(-1)].add(1.0)[:k]
+  return sums, counts
+
+
+def update_distribution_memory_fused(memory, features_lowres, labels, *, momentum,
+                                     ignore_index: int = 255):
+  """`update_distribution_memory` of the upsampled features, from the low-resolution ones.
+
+  Equals `update_distribution_memory(memory, ops.resize_bilinear(features_lowres,
+  labels.shape[1:]), labels, ...)` up to float32 summation order: the class mean is linear in
+  the features (`_upsampled_class_sums`), and the update reads nothing else.
+
+  Args:
+    memory: (K, 2) float32.
+    features_lowres: (B, h, w, C) pixel representations at feature resolution.
+    labels: (B, H, W) integer labels at full resolution.
+    momentum, ignore_index: as in `update_distribution_memory`.
+  """
+  what = 'update_distribution_memory_fused'
+  _check_distribution_args(memory, labels, what)
+  if features_lowres.shape[0] != labels.shape[0]:
+    raise ValueError(f'{what}: features batch {features_lowres.shape[0]} != labels batch '
+                     f'{labels.shape[0]}')
+  sums, counts = _upsampled_class_sums(features_lowres, labels, memory.shape[0], ignore_index)
+  return _distribution_step(memory.astype(jnp.float32),
+                            _safe_divide(sums, counts[:, None]), counts, momentum)
+
+
+class FeaturesMemoryV2(nn.Module):
+  """The MCIBI++ memory module: (K, 2) memory variable + the read path's parameters.
+
+  Variables: `memory/memory` (K, 2) float32 = (0, 1); params and batch_stats of
+  'self_attention', 'bottleneck' and, with `downsample_before_sa`, 'downsample_before_sa'
+  (the reference's `memory_module.*` names).
+  """
+  num_classes: int
+  feats_channels: int = 512
+  transform_channels: int = 256
+  out_channels: int = 512
+  use_hard_aggregate: bool = False
+  downsample_before_sa: bool = False
+  act: str = 'relu'
+  train: bool = False
+  axis_name: Optional[str] = None
+  bn_momentum: float = 0.1
+  bn_eps: float = 1e-5
+  dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
+
+  def _cbr(self, features, kernel_size, name, stride=1):
+    return ConvBNAct(features, kernel_size, stride=stride, act=self.act, train=self.train,
+                     axis_name=self.axis_name, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
+                     dtype=self.dtype, conv_impl=self.conv_impl, name=name)
+
+  @nn.compact
+  def __call__(self, feats, preds, valid=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """Read the memory and fuse it with the pixel representations.
+
+    Args:
+      feats: (B, H, W, C) pixel representations F.
+      preds: (B, H, W, K) gathering logits (decoder_pr's or decoder_cwi's).
+      valid: None, or (B, 2) the true sizes of zero-padded inputs (layers.py).
+
+    Returns:
+      (the (K, C) float32 read vectors, memory_output (B, H, W, out_channels)).
+    """
+    if feats.shape[-1] != self.feats_channels:
+      raise ValueError(f'FeaturesMemoryV2: feats have {feats.shape[-1]} channels, '
+                       f'feats_channels is {self.feats_channels}')
+    if preds.shape[:3] != feats.shape[:3] or preds.shape[-1] != self.num_classes:
+      raise ValueError(f'FeaturesMemoryV2: preds {preds.shape} must be (B, H, W, num_classes='
+                       f'{self.num_classes}) with the (B, H, W) of feats {feats.shape}')
+    noise = memory_noise(self.num_classes, self.feats_channels)
+    memory = self.variable('memory', 'memory', lambda: init_distribution_memory(self.num_classes))
+    read = read_distribution_memory(lax.stop_gradient(memory.value), noise)   # (K, C)
+    # The gathering weights are not detached: gradients reach the decoder of `preds`.
+    selected = aggregate(read[:, None, :], preds, use_hard=self.use_hard_aggregate)[0]
+    selected = selected.astype(self.dtype)                               # (B, H, W, C)
+    feats_in, selected_in, valid_in = feats, selected, valid
+    if self.downsample_before_sa:
+      # One module applied to both inputs (its BN statistics move twice per training step).
+      down = self._cbr(self.feats_channels, 3, 'downsample_before_sa', stride=2)
+      feats_in, selected_in = down(feats, valid), down(selected, valid)
+      valid_in = downsample_valid(valid, 2)
+    attention = SelfAttentionBlock(transform_channels=self.transform_channels,
+                                   out_channels=self.feats_channels, act=self.act,
+                                   train=self.train, axis_name=self.axis_name,
+                                   bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
+                                   dtype=self.dtype, conv_impl=self.conv_impl,
+                                   name='self_attention')
+    selected = attention(feats_in, selected_in, valid_in)
+    if self.downsample_before_sa:
+      selected = resize_bilinear_valid(selected, feats.shape[1:3], valid_in, valid)
+    memory_output = self._cbr(self.out_channels, 3, 'bottleneck')(
+        jnp.concatenate([feats, selected], axis=-1), valid)
+    return read, memory_output
+
+  def update(self, features, labels, *, momentum, ignore_index: int = 255, fused: bool = True):
+    """Update the memory variable from this device's batch and return the new (K, 2) memory.
+
+    `features` are F at feature resolution ((B, h, w, C)) with `fused` (default), else
+    already upsampled to the labels. Call it inside `apply(..., mutable=['memory', ...])` after
+    `__call__`; during `init` the memory keeps its initial (0, 1).
+    """
+    if self.has_variable('memory', 'memory'):
+      memory = self.get_variable('memory', 'memory')
+    else:
+      memory = init_distribution_memory(self.num_classes)
+      self.put_variable('memory', 'memory', memory)
+    if self.is_initializing():
+      return memory
+    fn = update_distribution_memory_fused if fused else update_distribution_memory
+    new_memory = fn(memory, lax.stop_gradient(features), labels, momentum=momentum,
+                    ignore_index=ignore_index)
     self.put_variable('memory', 'memory', new_memory)
     return new_memory

@@ -17,9 +17,12 @@ asks which backbone it is. The module defines:
   models/layers.py); evaluation runs each image at its exact size otherwise.
 - optionally `torch_module_path(modules) -> str | None` (a reference module path for the Flax
   module path below `backbone_net`, when the generic rule of memseg_jax.convert does not give
-  it) and `imagenet_state_dict(state_dict) -> (state_dict, ignored_keys)` (an ImageNet
+  it) and `imagenet_state_dict(state_dict[, cfg]) -> (state_dict, ignored_keys)` (an ImageNet
   checkpoint in the reference backbone's key layout, and the keys the reference's
-  `strict=False` load would ignore).
+  `strict=False` load would ignore; a hook that takes a second argument gets `cfg`, e.g. to
+  resize a position embedding to the configured grid).
+- optionally honour `cfg['remat']` (set from `config.model.remat`): rematerialise each block
+  in the backward pass (`nn.remat`) to save activation memory.
 """
 
 import importlib
@@ -28,6 +31,7 @@ REGISTRY = {
     'resnet': 'memseg_jax.models.backbones.resnet',
     'resnest': 'memseg_jax.models.backbones.resnest',
     'hrnet': 'memseg_jax.models.backbones.hrnet',
+    'vit': 'memseg_jax.models.backbones.vit',
 }
 
 

@@ -1,0 +1,29 @@
+"""MCIBI++ DeepLabV3 R-50-D8, ADE20K, 512x512, batch 16, 130 epochs, lr 0.01.
+
+    python -m memseg_jax.main --config=configs/mcibipp/deeplabv3_ade20k.py \
+        --workdir=/ckpt/mcibipp_deeplabv3_ade20k --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet
+
+Expected (the reference's released model, SSSegmentation
+`mcibiplusplus_aspp_resnet50os8_ade20k`): 44.85 mIoU single-scale on ADE20K validation. About
+1,263 steps per epoch on 8 devices; weight decay 5e-4. Head: ASPP context, no segmentor self-
+attention, gathering from decoder_cwi, 3x3 decoder_cls. Evaluate the released checkpoint
+(converted once):
+
+    python -m memseg_jax.convert --config=configs/mcibipp/deeplabv3_ade20k.py \
+        --torch_checkpoint=mcibiplusplus_aspp_resnet50os8_ade20k.pth \
+        --output=/ckpt/mcibipp_deeplabv3_ade20k_released
+    python -m memseg_jax.main --mode=eval --config=configs/mcibipp/deeplabv3_ade20k.py \
+        --workdir=/tmp/eval_deeplabv3_ade20k --config.data.data_dir=/data/tfds \
+        --config.eval.checkpoint=/ckpt/mcibipp_deeplabv3_ade20k_released
+
+Settings: configs/mcibipp/_base.py (the reference's values, dataset by dataset).
+"""
+
+from memseg_jax.config_validation import load_sibling_config
+
+base = load_sibling_config(__file__, '_base')
+
+
+def get_config():
+  return base.get_config('deeplabv3', 'ade20k')

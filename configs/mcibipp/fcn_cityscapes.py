@@ -1,0 +1,29 @@
+"""MCIBI++ FCN R-50-D8, Cityscapes train/val, 512x1024, batch 8, 220 epochs, lr 0.01.
+
+    python -m memseg_jax.main --config=configs/mcibipp/fcn_cityscapes.py \
+        --workdir=/ckpt/mcibipp_fcn_cityscapes --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet
+
+Expected (the reference's released model, SSSegmentation
+`mcibiplusplus_resnet50os8_cityscapes`): 78.77 mIoU single-scale on Cityscapes validation (whole
+1024x2048 images). About 372 steps per epoch on 8 devices; weight decay 5e-4. Head: no context
+module; decoder_cls reads the memory output (512 channels). Evaluate the released checkpoint
+(converted once):
+
+    python -m memseg_jax.convert --config=configs/mcibipp/fcn_cityscapes.py \
+        --torch_checkpoint=mcibiplusplus_resnet50os8_cityscapes.pth \
+        --output=/ckpt/mcibipp_fcn_cityscapes_released
+    python -m memseg_jax.main --mode=eval --config=configs/mcibipp/fcn_cityscapes.py \
+        --workdir=/tmp/eval_fcn_cityscapes --config.data.data_dir=/data/tfds \
+        --config.eval.checkpoint=/ckpt/mcibipp_fcn_cityscapes_released
+
+Settings: configs/mcibipp/_base.py (the reference's values, dataset by dataset).
+"""
+
+from memseg_jax.config_validation import load_sibling_config
+
+base = load_sibling_config(__file__, '_base')
+
+
+def get_config():
+  return base.get_config('fcn', 'cityscapes')

@@ -1,0 +1,29 @@
+"""MCIBI++ FCN R-50-D8, COCO-Stuff-10k, 512x512, batch 16, 110 epochs, lr 0.001.
+
+    python -m memseg_jax.main --config=configs/mcibipp/fcn_cocostuff10k.py \
+        --workdir=/ckpt/mcibipp_fcn_cocostuff10k --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet
+
+Expected (the reference's released model, SSSegmentation
+`mcibiplusplus_resnet50os8_cocostuff10k`): 37.38 mIoU single-scale on the COCO-Stuff-10k test
+split. About 562 steps per epoch on 8 devices; weight decay 1e-4. Head: no context module;
+decoder_cls reads the memory output (512 channels). Evaluate the released checkpoint (converted
+once):
+
+    python -m memseg_jax.convert --config=configs/mcibipp/fcn_cocostuff10k.py \
+        --torch_checkpoint=mcibiplusplus_resnet50os8_cocostuff10k.pth \
+        --output=/ckpt/mcibipp_fcn_cocostuff10k_released
+    python -m memseg_jax.main --mode=eval --config=configs/mcibipp/fcn_cocostuff10k.py \
+        --workdir=/tmp/eval_fcn_cocostuff10k --config.data.data_dir=/data/tfds \
+        --config.eval.checkpoint=/ckpt/mcibipp_fcn_cocostuff10k_released
+
+Settings: configs/mcibipp/_base.py (the reference's values, dataset by dataset).
+"""
+
+from memseg_jax.config_validation import load_sibling_config
+
+base = load_sibling_config(__file__, '_base')
+
+
+def get_config():
+  return base.get_config('fcn', 'cocostuff10k')
