@@ -5,6 +5,7 @@
     python scripts/benchmark.py --skip_reference --skip_slide      # memseg_jax only, quicker
     python scripts/benchmark.py --models=mcibi --train_sizes=512 --reps=5
     python scripts/benchmark.py --backbone=hrnetv2w48             # HRNet MCIBI: train 128, eval
+    python scripts/benchmark.py --backbone=s101                   # S-101 MCIBI: train 128, eval
     python scripts/benchmark.py --models=mcibipp_upernet --train_sizes=128 --skip_update
 
 One run prints one table (every figure side by side: memseg_jax, the reference, their ratio)
@@ -30,9 +31,10 @@ the DeepLabV3 baseline (150 classes):
              reference (`F.interpolate` + `FeaturesMemory.update`), with their peak memory.
 
 --backbone picks the model's backbone from `BACKBONES` (name -> config file, reference cfg,
-default cases): 'r50' (the default, above) or 'hrnetv2w48' (the ADE20K HRNetV2p-W48 MCIBI
+default cases): 'r50' (the default, above), 'hrnetv2w48' (the ADE20K HRNetV2p-W48 MCIBI
 config with SSSegmentation 1.7.0's stem ReLU so both sides compute the same numbers; MCIBI only;
-by default the train step at 128x128 and the 512x512 eval forward, no slide case).
+by default the train step at 128x128 and the 512x512 eval forward, no slide case) or 's101'
+(the ADE20K S-101-D8 MCIBI config; the same cases as 'hrnetv2w48').
 
 Timing: every case runs --warmup untimed calls, then --reps timed calls; the table shows the
 median (JSON: every time, warm-up calls included). The 512x512 train steps take ~30-50 s per
@@ -102,6 +104,13 @@ def _hrnet_config(config):
   return config
 
 
+def _s101_reference_cfg(model_name):
+  from tests import reference_utils as ru  # pylint: disable=import-outside-toplevel
+  return ru.reference_cfg(model=model_name, backbone={
+      'type': 'ResNeSt', 'depth': 101, 'structure_type': 'resnest101', 'pretrained': False,
+      'outstride': 8, 'selected_indices': (0, 1, 2, 3)})
+
+
 # --backbone name -> the config file, the reference cfg (per model name), the project config
 # tweak, the models it runs, and the default train sizes and slide case.
 BACKBONES = {
@@ -109,6 +118,8 @@ BACKBONES = {
                 models=('mcibi', 'deeplabv3', *EXTRA_MODELS), train_sizes='128,512', slide=True),
     'hrnetv2w48': dict(config='ade20k_hrnetv2w48.py', reference=_hrnet_reference_cfg,
                        adapt=_hrnet_config, models=('mcibi',), train_sizes='128', slide=False),
+    's101': dict(config='ade20k_s101.py', reference=_s101_reference_cfg, adapt=lambda c: c,
+                 models=('mcibi',), train_sizes='128', slide=False),
 }
 
 

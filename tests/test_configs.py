@@ -4,10 +4,10 @@ Each config keeps its model structure (backbone depth, head, activation, classes
 loss settings) except where noted: crops shrink to 64x64 (Cityscapes 64x128), the global
 batch to 8, and, to keep the test within minutes on a CPU, every backbone deeper than 50
 layers (ade20k_r101) runs as R-50, the non-ADE20K configs (same R-50 structure as ADE20K) as
-R-18 (MCIBI++ in configs/mcibipp/ likewise), the HRNet-W48 configs as HRNetV2-W18-small, and
-the ViT-L configs as a ViT of the same layout with 4 blocks of 64 channels (every block an
-output; the 32x32 position embedding is resized to the 4x4 token grid). The step's lr and
-memory momentum are checked against the config's schedule values.
+R-18 (MCIBI++ in configs/mcibipp/ likewise), the S-101 configs as S-50, the HRNet-W48 configs
+as HRNetV2-W18-small, and the ViT-L configs as a ViT of the same layout with 4 blocks of 64
+channels (every block an output; the 32x32 position embedding is resized to the 4x4 token
+grid). The step's lr and memory momentum are checked against the config's schedule values.
 """
 
 import os
@@ -28,6 +28,9 @@ CONFIG_FILES = sorted(os.path.relpath(os.path.join(root, n), CONFIGS)
                       if n.endswith('.py') and not n.startswith('_'))
 SMALLER_BACKBONE = {'ade20k_r101.py': 50, 'cityscapes.py': 18, 'lip.py': 18,
                     'cocostuff10k.py': 18, 'default.py': 18}
+# The S-101 configs run as S-50 (ResNeSt's other depth: same stem, blocks and head wiring).
+SMALLER_BACKBONE.update({f'{d}_s101.py': 50 for d in ('ade20k', 'cityscapes', 'lip',
+                                                      'cocostuff10k')})
 # HRNet configs run the narrowest reference arch (same stages, branches and head wiring).
 SMALLER_HRNET_ARCH = 'hrnetv2_w18_small'
 SMALLER_VIT = dict(embed_dims=64, num_layers=4, num_heads=4, out_indices=(0, 1, 2, 3))
@@ -43,7 +46,8 @@ def test_all_expected_configs_exist():
              for s in ('ade20k', 'cityscapes', 'lip', 'cocostuff10k')]
   for name in ('default.py', 'ade20k.py', 'ade20k_r101.py', 'cityscapes.py', 'lip.py',
                'cocostuff10k.py', 'demo.py', 'ade20k_vitl.py', 'cocostuff10k_vitl.py',
-               'upernet_ade20k.py', 'demo_mcibipp.py', *mcibipp):
+               'upernet_ade20k.py', 'demo_mcibipp.py', *mcibipp,
+               *(f'{d}_s101.py' for d in ('ade20k', 'cityscapes', 'lip', 'cocostuff10k'))):
     assert name in CONFIG_FILES
     with open(os.path.join(CONFIGS, name)) as f:
       doc = f.read().split('"""')[1]

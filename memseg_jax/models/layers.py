@@ -214,11 +214,11 @@ def _tap_extent(out_size: int, in_size: int, kernel_size: int, stride: int, dila
   return extents
 
 
-def _native_conv(x, kernel, stride: int, dilation: int, padding: int):
+def _native_conv(x, kernel, stride: int, dilation: int, padding: int, groups: int = 1):
   return lax.conv_general_dilated(
       x, kernel, (stride, stride), [(padding, padding), (padding, padding)],
       rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      preferred_element_type=jnp.float32)
+      feature_group_count=groups, preferred_element_type=jnp.float32)
 
 
 def _tap_layout(x_shape, k: int, stride: int, dilation: int, padding: int):
@@ -330,15 +330,24 @@ def resolve_conv_impl(impl: str, platform: Optional[str] = None) -> str:
   return 'taps' if platform == 'cpu' else 'native'
 
 
-def _cpu_conv(x, kernel, stride: int, dilation: int, padding: int):
-  """The CPU scheme (measurements above): taps, or native forward with tap weight gradients."""
+def _cpu_conv(x, kernel, stride: int, dilation: int, padding: int, groups: int = 1):
+  """The CPU scheme (measurements above): taps, or native forward with tap weight gradients.
+
+  A grouped convolution runs as one convolution per group (input channels and kernel columns
+  of that group) so each group gets the CPU forms of the dense case.
+  """
+  if groups > 1:
+    cin, cout = x.shape[-1] // groups, kernel.shape[-1] // groups
+    return jnp.concatenate(
+        [_cpu_conv(x[..., g * cin:(g + 1) * cin], kernel[..., g * cout:(g + 1) * cout],
+                   stride, dilation, padding) for g in range(groups)], axis=-1)
   if kernel.shape[0] > 1 and dilation < _TAPS_MIN_DILATION:
     return _conv_mixed(x, kernel, stride, dilation, padding)
   return _conv_taps(x, kernel, stride, dilation, padding)
 
 
 def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int = 0,
-           out_dtype=None, impl: str = 'auto'):
+           out_dtype=None, impl: str = 'auto', groups: int = 1):
   """torch Conv2d (symmetric zero padding, no bias) of NHWC `x` with an HWIO `kernel`.
 
   `impl` 'native' is XLA's native convolution (GPUs and TPUs). 'taps' is the CPU scheme, chosen
@@ -353,18 +362,21 @@ def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int = 0,
   to float32 summation order (relative 1e-6).
 
   Products accumulate in float32 whatever the input dtype (bfloat16 compute); the result has
-  `out_dtype` (default: the input's dtype).
+  `out_dtype` (default: the input's dtype). `groups` is torch's: the kernel is
+  (k, k, Cin / groups, Cout), output channel block g (of Cout / groups) reads input channel
+  block g (XLA's `feature_group_count`).
   """
   b, h, w, cin = x.shape
   k = kernel.shape[0]
-  if kernel.shape[:3] != (k, k, cin):
-    raise ValueError(f'conv2d: kernel {kernel.shape} does not match input channels {cin}')
+  if cin % groups or kernel.shape[-1] % groups or kernel.shape[:3] != (k, k, cin // groups):
+    raise ValueError(f'conv2d: kernel {kernel.shape} does not match input channels {cin} '
+                     f'in {groups} group(s)')
   oh = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
   ow = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
   if oh <= 0 or ow <= 0:
     raise ValueError(f'conv2d: input {h}x{w} too small for kernel {k}, dilation {dilation}, '
                      f'padding {padding}')
-  args = (stride, dilation, padding)
+  args = (stride, dilation, padding, groups)
   if impl == 'native':
     y = _native_conv(x, kernel, *args)
   elif impl == 'taps':
@@ -393,15 +405,16 @@ class Conv(nn.Module):
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
   impl: str = 'auto'           # conv2d's form: 'auto', 'native' or 'taps' (resolve_conv_impl)
+  groups: int = 1              # torch's `groups`: kernel (k, k, Cin / groups, Cout) (ResNeSt)
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    kernel = self.param('kernel', torch_conv_kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param('kernel', torch_conv_kernel_init,
+                        (k, k, x.shape[-1] // self.groups, self.features), jnp.float32)
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
                dilation=self.dilation, padding=self.padding, out_dtype=jnp.float32,
-               impl=self.impl)
+               impl=self.impl, groups=self.groups)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32)
       return y.astype(self.dtype)
@@ -415,21 +428,23 @@ class Conv(nn.Module):
 
 def conv(features: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1,
          padding: Optional[int] = None, use_bias: bool = False, in_features: Optional[int] = None,
-         dtype: Any = jnp.float32, conv_impl: str = 'auto', name: Optional[str] = None) -> Conv:
+         dtype: Any = jnp.float32, conv_impl: str = 'auto', name: Optional[str] = None,
+         groups: int = 1) -> Conv:
   """nn.Conv2d with PyTorch padding and initialisation. `padding=None` -> dilation*(k-1)//2.
 
-  `in_features` is needed only with `use_bias` (the bias init bound depends on fan-in).
+  `in_features` is needed only with `use_bias` (the bias init bound depends on fan-in: the
+  fan-in of one group, in_features / groups * k * k, as in torch).
   """
   k = kernel_size
   p = dilation * (k - 1) // 2 if padding is None else padding
   if use_bias:
     if in_features is None:
       raise ValueError('conv(use_bias=True) needs in_features for the PyTorch bias init')
-    bias_init = torch_conv_bias_init(in_features * k * k)
+    bias_init = torch_conv_bias_init(in_features // groups * k * k)
   else:
     bias_init = nn.initializers.zeros
   return Conv(features, k, stride=stride, dilation=dilation, padding=p, use_bias=use_bias,
-              bias_init=bias_init, dtype=dtype, impl=conv_impl, name=name)
+              bias_init=bias_init, dtype=dtype, impl=conv_impl, name=name, groups=groups)
 
 
 class ConvBNAct(nn.Module):

@@ -29,6 +29,7 @@ import importlib
 
 REGISTRY = {
     'resnet': 'memseg_jax.models.backbones.resnet',
+    'resnest': 'memseg_jax.models.backbones.resnest',
     'hrnet': 'memseg_jax.models.backbones.hrnet',
     'vit': 'memseg_jax.models.backbones.vit',
 }

@@ -1,0 +1,59 @@
+"""MCIBI, DeepLabV3 S-101-D8 (ResNeSt-101, output stride 8), ADE20K, 512x512, batch 16, 180 epochs.
+
+    python -m memseg_jax.main --config=configs/ade20k_s101.py --workdir=/ckpt/mcibi_s101_ade20k \
+        --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnest101_imagenet
+
+Expected (the reference's released model `mcibi_deeplabv3_s101_ade20k.pth`, SSSegmentation
+`mcibi_deeplabv3_resnest101os8_ade20k`): 46.63 mIoU single-scale on ADE20K validation, 47.39
+with `:ms_flip` (whole image, scales 0.5-1.75 and flip, probabilities averaged). lr 0.004
+(poly to 4e-5), weight decay 5e-4, memory base_lr 0.004 (momentum 0.9 at the start), memory
+loss from epoch 2. About 227k steps (1,263 per epoch on 8 devices).
+
+Evaluate the released checkpoint (convert it once, then evaluate it):
+
+    python -m memseg_jax.convert --torch_checkpoint=mcibi_deeplabv3_s101_ade20k.pth \
+        --config=configs/ade20k_s101.py --output=/ckpt/mcibi_s101_ade20k_converted
+    python -m memseg_jax.main --mode=eval --config=configs/ade20k_s101.py \
+        --workdir=/tmp/mcibi_s101_ade20k_eval --config.data.data_dir=/data/tfds \
+        --config.eval.checkpoint=/ckpt/mcibi_s101_ade20k_converted
+
+(`--config=configs/ade20k_s101.py:ms_flip` for the multi-scale + flip number.) The ImageNet
+backbone for training: `python -m memseg_jax.convert --imagenet
+--torch_checkpoint=resnest101_d2-f3b931b2.pth --config=configs/ade20k_s101.py
+--output=/ckpt/resnest101_imagenet` (mmseg's `resnest101_d2`; its classifier `fc.*` is
+ignored, as the reference's strict=False load ignores it).
+
+On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
+float32):
+
+    python -m memseg_jax.main --config=configs/ade20k_s101.py \
+        --workdir=/ckpt/mcibi_s101_ade20k --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
+        --config.model.dtype=bfloat16
+
+Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
+`python scripts/aot_check.py --configs=ade20k_s101`: whether the documented batch fits each
+slice; add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
+"""
+
+from memseg_jax.config_validation import load_sibling_config
+
+ade20k = load_sibling_config(__file__, 'ade20k')
+
+
+def get_config(arg=None):
+  """`--config=configs/ade20k_s101.py:ms_flip` evaluates with multi-scale + flip."""
+  config = ade20k.get_config(arg)
+  config.model.backbone.type = 'resnest'
+  config.model.backbone.depth = 101
+  config.train.num_epochs = 180
+  config.train.lr = 0.004
+  config.train.weight_decay = 5e-4
+  config.model.memory.base_lr = 0.004
+  config.model.memory.use_loss = True
+  if arg is None:   # single scale: the logits are upsampled, no softmax (the reference's block)
+    config.inference.use_probs_before_resize = False
+  elif arg != 'ms_flip':
+    raise ValueError(f"configs/ade20k_s101.py: unknown argument {arg!r} (expected 'ms_flip')")
+  return config

@@ -1,0 +1,61 @@
+"""MCIBI, DeepLabV3 S-101-D8 (ResNeSt-101), LIP (20 classes), 473x473, batch 40, 150 epochs.
+
+    python -m memseg_jax.main --config=configs/lip_s101.py --workdir=/ckpt/mcibi_s101_lip \
+        --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnest101_imagenet
+
+Expected (the reference's released model `mcibi_deeplabv3_s101_lip.pth`, SSSegmentation
+`mcibi_deeplabv3_resnest101os8_lip`): 56.21 mIoU on LIP validation single-scale, 56.34 with
+`:flip` (flip only, logits averaged, left/right channels swapped). lr 0.007 (poly to 7e-5),
+weight decay 5e-4, memory base_lr 0.007 (momentum 0.9 at the start), no memory loss. Unlike the
+R-50/R-101 LIP configs the head uses ReLU (the S-101 config sets no LeakyReLU). About 114k steps
+(761 per epoch on 8 devices). Data as configs/lip.py (square resize, rotations, flips that swap
+left/right classes; evaluation at 473x473 without keeping the aspect ratio).
+
+Evaluate the released checkpoint (convert it once, then evaluate it):
+
+    python -m memseg_jax.convert --torch_checkpoint=mcibi_deeplabv3_s101_lip.pth \
+        --config=configs/lip_s101.py --output=/ckpt/mcibi_s101_lip_converted
+    python -m memseg_jax.main --mode=eval --config=configs/lip_s101.py \
+        --workdir=/tmp/mcibi_s101_lip_eval --config.data.data_dir=/data/tfds \
+        --config.eval.checkpoint=/ckpt/mcibi_s101_lip_converted
+
+(`--config=configs/lip_s101.py:flip` for the flip number.) The ImageNet backbone:
+`python -m memseg_jax.convert --imagenet --torch_checkpoint=resnest101_d2-f3b931b2.pth
+--config=configs/lip_s101.py --output=/ckpt/resnest101_imagenet`.
+
+On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
+float32):
+
+    python -m memseg_jax.main --config=configs/lip_s101.py \
+        --workdir=/ckpt/mcibi_s101_lip --config.data.data_dir=/data/tfds \
+        --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
+        --config.model.dtype=bfloat16
+
+Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
+`python scripts/aot_check.py --configs=lip_s101`: whether the documented batch fits each
+slice; add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
+"""
+
+from memseg_jax.config_validation import load_sibling_config
+
+lip = load_sibling_config(__file__, 'lip')
+
+
+def get_config(arg=None):
+  """`--config=configs/lip_s101.py:flip` evaluates with horizontal flip."""
+  config = lip.get_config(arg)
+  config.model.backbone.type = 'resnest'
+  config.model.backbone.depth = 101
+  config.model.act = 'relu'
+  config.train.batch_size = 40
+  config.train.num_epochs = 150
+  config.train.lr = 0.007
+  config.train.weight_decay = 5e-4
+  config.model.memory.base_lr = 0.007
+  config.model.memory.use_loss = False
+  if arg is None:   # single scale: the logits are upsampled, no softmax (the reference's block)
+    config.inference.use_probs_before_resize = False
+  elif arg != 'flip':
+    raise ValueError(f"configs/lip_s101.py: unknown argument {arg!r} (expected 'flip')")
+  return config
