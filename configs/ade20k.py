@@ -38,6 +38,8 @@ MS_FLIP_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 def get_config(arg=None):
   """`--config=configs/ade20k.py:ms_flip` evaluates with multi-scale + flip."""
+  if arg not in (None, 'ms_flip'):
+    raise ValueError(f"configs/ade20k.py: unknown argument {arg!r} (expected 'ms_flip')")
   config = default.get_config()
   config.model.name = 'mcibi'
   config.model.num_classes = 150
@@ -53,4 +55,5 @@ def get_config(arg=None):
   if arg == 'ms_flip':
     config.inference.scales = MS_FLIP_SCALES
     config.inference.flip = True
+    config.inference.use_probs_before_resize = True
   return config

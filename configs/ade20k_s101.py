@@ -44,6 +44,8 @@ ade20k = load_sibling_config(__file__, 'ade20k')
 
 def get_config(arg=None):
   """`--config=configs/ade20k_s101.py:ms_flip` evaluates with multi-scale + flip."""
+  if arg not in (None, 'ms_flip'):
+    raise ValueError(f"configs/ade20k_s101.py: unknown argument {arg!r} (expected 'ms_flip')")
   config = ade20k.get_config(arg)
   config.model.backbone.type = 'resnest'
   config.model.backbone.depth = 101
@@ -52,8 +54,4 @@ def get_config(arg=None):
   config.train.weight_decay = 5e-4
   config.model.memory.base_lr = 0.004
   config.model.memory.use_loss = True
-  if arg is None:   # single scale: the logits are upsampled, no softmax (the reference's block)
-    config.inference.use_probs_before_resize = False
-  elif arg != 'ms_flip':
-    raise ValueError(f"configs/ade20k_s101.py: unknown argument {arg!r} (expected 'ms_flip')")
   return config

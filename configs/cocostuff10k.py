@@ -28,6 +28,8 @@ default = load_sibling_config(__file__, 'default')
 
 
 def get_config(arg=None):
+  if arg not in (None, 'ms_flip'):
+    raise ValueError(f"configs/cocostuff10k.py: unknown argument {arg!r} (expected 'ms_flip')")
   config = default.get_config()
   config.model.num_classes = 182
   config.model.memory.base_lr = 0.0009
@@ -47,4 +49,5 @@ def get_config(arg=None):
   if arg == 'ms_flip':
     config.inference.scales = (0.5, 0.75, 1.0, 1.25, 1.5)
     config.inference.flip = True
+    config.inference.use_probs_before_resize = True
   return config

@@ -156,6 +156,8 @@ def get_config():
   i.windows_per_call = 4
   i.scales = (1.0,)
   i.flip = False
-  i.use_probs_before_resize = True
+  # Softmax before upsampling/averaging the views, or the logits (the reference's base config:
+  # off; its multi-scale, flip-averaged and slide blocks turn it on).
+  i.use_probs_before_resize = False
 
   return config

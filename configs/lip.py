@@ -32,6 +32,8 @@ FLIP_SWAP_PAIRS = ((14, 15), (16, 17), (18, 19))
 
 def get_config(arg=None):
   """`--config=configs/lip.py:flip` evaluates with horizontal flip."""
+  if arg not in (None, 'flip'):
+    raise ValueError(f"configs/lip.py: unknown argument {arg!r} (expected 'flip')")
   config = default.get_config()
   config.model.num_classes = 20
   config.model.act = 'leaky_relu'

@@ -44,6 +44,8 @@ lip = load_sibling_config(__file__, 'lip')
 
 def get_config(arg=None):
   """`--config=configs/lip_s101.py:flip` evaluates with horizontal flip."""
+  if arg not in (None, 'flip'):
+    raise ValueError(f"configs/lip_s101.py: unknown argument {arg!r} (expected 'flip')")
   config = lip.get_config(arg)
   config.model.backbone.type = 'resnest'
   config.model.backbone.depth = 101
@@ -54,8 +56,4 @@ def get_config(arg=None):
   config.train.weight_decay = 5e-4
   config.model.memory.base_lr = 0.007
   config.model.memory.use_loss = False
-  if arg is None:   # single scale: the logits are upsampled, no softmax (the reference's block)
-    config.inference.use_probs_before_resize = False
-  elif arg != 'flip':
-    raise ValueError(f"configs/lip_s101.py: unknown argument {arg!r} (expected 'flip')")
   return config

@@ -148,3 +148,30 @@ def test_one_train_step_of_every_config(name):
            for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
                            jax.tree_util.tree_leaves(params0))]
   assert min(moved) > 0
+
+
+@pytest.mark.parametrize('name,arg,scales,flip,probs', [
+    # mcibi_spec section 7: single scale upsamples the logits straight to the image (no
+    # softmax); the multi-scale + flip blocks average softmax probabilities; LIP's flip averages
+    # logits.
+    ('ade20k.py', None, (1.0,), False, False),
+    ('ade20k_r101.py', None, (1.0,), False, False),
+    ('cocostuff10k.py', None, (1.0,), False, False),
+    ('lip.py', None, (1.0,), False, False),
+    ('ade20k.py', 'ms_flip', (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True, True),
+    ('cocostuff10k.py', 'ms_flip', (0.5, 0.75, 1.0, 1.25, 1.5), True, True),
+    ('lip.py', 'flip', (1.0,), True, False),
+])
+def test_resnet_configs_evaluate_as_the_reference_blocks(name, arg, scales, flip, probs):
+  path = os.path.join(CONFIGS, name) + ('' if arg is None else f':{arg}')
+  i = load_config(path).inference
+  assert i.mode == 'whole'
+  assert tuple(i.scales) == scales and i.flip == flip
+  assert i.use_probs_before_resize == probs
+
+
+@pytest.mark.parametrize('name,arg', [('ade20k.py', 'flip'), ('cocostuff10k.py', 'msflip'),
+                                      ('lip.py', 'ms_flip')])
+def test_unknown_config_argument_is_an_error_naming_it(name, arg):
+  with pytest.raises(ValueError, match=f"configs/{name}: unknown argument '{arg}'"):
+    load_config(os.path.join(CONFIGS, name) + f':{arg}')
