@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 # The strides and dilations per output stride are the ResNet's (`output_strides` is exported).
-from memseg_jax.models.backbones.resnet import OUTPUT_STRIDE_SETTINGS, output_strides  # noqa: F401
+from memseg_jax.models.backbones.resnet import (  # noqa: F401  (output_strides: re-exported)
+    OUTPUT_STRIDE_SETTINGS, deep_stem, output_strides)
 from memseg_jax.models.layers import BatchNorm, conv, downsample_valid, mask_invalid
 
 SUPPORTS_VALID_HW = True
@@ -231,18 +232,7 @@ class ResNeSt(_Layer):
     num_blocks = ARCH_SETTINGS[self.depth]
     strides, dilations = OUTPUT_STRIDE_SETTINGS[self.output_stride]
 
-    # Deep stem: the reference Sequential is (conv, BN, ReLU) x 3, indices 0/1, 3/4, 6/7.
-    half = self.stem_channels // 2
-    x = self._conv(half, 3, stride=2, name='stem_0')(mask_invalid(x, valid))
-    valid = downsample_valid(valid, 2)
-    x = nn.relu(self._bn('stem_1')(x))
-    x = self._conv(half, 3, name='stem_3')(mask_invalid(x, valid))
-    x = nn.relu(self._bn('stem_4')(x))
-    x = self._conv(self.stem_channels, 3, name='stem_6')(mask_invalid(x, valid))
-    x = nn.relu(self._bn('stem_7')(x))
-    # -inf padding like PyTorch's MaxPool2d(3, 2, 1); masked zeros are harmless after ReLU.
-    x = nn.max_pool(mask_invalid(x, valid), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    valid = downsample_valid(valid, 2)
+    x, valid = deep_stem(self, x, valid, self.stem_channels)
 
     outputs = []
     in_channels = self.stem_channels

@@ -142,6 +142,26 @@ class Bottleneck(_Block):
     return nn.relu(out + self._shortcut(x, self.planes * 4))
 
 
+
+def deep_stem(module, x, valid, stem_channels: int):
+  """The v1c/ResNeSt deep stem, (conv, BN, ReLU) x 3 then a 3x3/2 max pool: (x, valid) at 1/4.
+
+  Called from `module`'s compact `__call__` (its `_conv` / `_bn` make the layers); the reference
+  Sequential's indices 0/1, 3/4, 6/7 name them.
+  """
+  half = stem_channels // 2
+  x = module._conv(half, 3, stride=2, name='stem_0')(mask_invalid(x, valid))
+  valid = downsample_valid(valid, 2)
+  x = nn.relu(module._bn('stem_1')(x))
+  x = module._conv(half, 3, name='stem_3')(mask_invalid(x, valid))
+  x = nn.relu(module._bn('stem_4')(x))
+  x = module._conv(stem_channels, 3, name='stem_6')(mask_invalid(x, valid))
+  x = nn.relu(module._bn('stem_7')(x))
+  # flax's max_pool pads with -inf, like PyTorch's MaxPool2d(3, 2, padding=1). Masked zeros
+  # change nothing: every window holds a valid post-ReLU value >= 0.
+  x = nn.max_pool(mask_invalid(x, valid), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return x, downsample_valid(valid, 2)
+
 class ResNet(nn.Module):
   """ResNet-v1c. Returns the outputs of the stages listed in `out_indices` (0 = layer1).
 
@@ -181,19 +201,7 @@ class ResNet(nn.Module):
     expansion = EXPANSION[block_type]
     strides, dilations = OUTPUT_STRIDE_SETTINGS[self.output_stride]
 
-    # Deep stem: the reference Sequential is (conv, BN, ReLU) x 3, indices 0/1, 3/4, 6/7.
-    half = self.stem_channels // 2
-    x = self._conv(half, 3, stride=2, name='stem_0')(mask_invalid(x, valid))
-    valid = downsample_valid(valid, 2)
-    x = nn.relu(self._bn('stem_1')(x))
-    x = self._conv(half, 3, name='stem_3')(mask_invalid(x, valid))
-    x = nn.relu(self._bn('stem_4')(x))
-    x = self._conv(self.stem_channels, 3, name='stem_6')(mask_invalid(x, valid))
-    x = nn.relu(self._bn('stem_7')(x))
-    # flax's max_pool pads with -inf, like PyTorch's MaxPool2d(3, 2, padding=1). Masked zeros
-    # change nothing: every window holds a valid post-ReLU value >= 0.
-    x = nn.max_pool(mask_invalid(x, valid), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    valid = downsample_valid(valid, 2)
+    x, valid = deep_stem(self, x, valid, self.stem_channels)
 
     outputs = []
     in_channels = self.stem_channels
