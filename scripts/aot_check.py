@@ -24,14 +24,14 @@ H100 SXM's published figures). The step is the one training and evaluation run
 program that does not fit its HBM (RESOURCE_EXHAUSTED); the GPU compiler does not check, so
 arguments + outputs + temporaries - aliased bytes are compared with the GPU's memory here.
 
-Compiles take minutes on a small CPU (a TPU compile of the ADE20K R-50 train step: 5-17 min on
+Compiles take minutes on a small CPU (a TPU compile of the ADE20K R-50 train step: 3-6 min on
 2 cores), so every result is cached as JSON (`--cache_dir`, default ~/.cache/memseg_jax/aot),
 keyed by the config's model structure and everything else the compiled program depends on
-(losses, optimizer, batch and input shapes, dtype, step, target), the project's source
-(a hash of memseg_jax/*.py and this file) and the jax/libtpu versions: the table fills up over
-several runs, and configs that share a structure (an `:ms_flip` variant's train step) compile
-once. `--dump_to=DIR` writes XLA's dumps (buffer assignment, live ranges) of what it compiles,
-for `scripts/peak_buffers.py`.
+(losses, optimizer, batch and input shapes, dtype, step, target), the code the programs depend
+on (`PROGRAM_SOURCES` and this script's compiling functions, comments and docstrings left out)
+and the jax/libtpu versions: the table fills up over several runs, and configs that share a
+structure (an `:ms_flip` variant's train step) compile once. `--dump_to=DIR` writes XLA's
+dumps (buffer assignment, live ranges) of what it compiles, for `scripts/peak_buffers.py`.
 """
 
 import argparse
@@ -264,14 +264,42 @@ def jobs_for(path, root, steps, dtypes, targets) -> List[Job]:
 
 
 # ------------------------------------------------------------------------------------- compile
+# The source the compiled programs depend on: the models, the steps, their math. Data loading,
+# checkpoints, the CLI and this script's table printing are left out, so editing them keeps the
+# cache; the compiling functions of this script are hashed by their own code. Comments and
+# docstrings do not count (`_code_digest`).
+PROGRAM_SOURCES = ('memseg_jax/models/**/*.py', 'memseg_jax/train.py', 'memseg_jax/evaluate.py',
+                   'memseg_jax/losses.py', 'memseg_jax/schedules.py', 'memseg_jax/ops.py',
+                   'memseg_jax/metrics.py', 'memseg_jax/distributed.py')
+
+
+def _code_digest(source: str) -> bytes:
+  """The code of a Python source without its comments and docstrings (edits to those leave the
+  compiled programs, and so the cache, as they are)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import textwrap  # pylint: disable=import-outside-toplevel
+  tree = ast.parse(textwrap.dedent(source))
+  for node in ast.walk(tree):
+    body = getattr(node, 'body', None)
+    if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+      node.body = body[1:] or [ast.Pass()]
+  return ast.dump(tree).encode()
+
+
 def revision() -> str:
-  """Hash of the project's source (memseg_jax/**/*.py, this script) and the compilers' versions."""
+  """Hash of the code the compiled programs depend on and of the compilers' versions."""
+  import inspect  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   h = hashlib.sha256()
-  files = sorted(glob.glob(os.path.join(REPO_ROOT, 'memseg_jax', '**', '*.py'), recursive=True))
-  for path in files + [os.path.abspath(__file__)]:
-    with open(path, 'rb') as f:
-      h.update(os.path.relpath(path, REPO_ROOT).encode() + f.read())
+  files = sorted({f for pattern in PROGRAM_SOURCES
+                  for f in glob.glob(os.path.join(REPO_ROOT, pattern), recursive=True)})
+  for path in files:
+    with open(path) as f:
+      h.update(os.path.relpath(path, REPO_ROOT).encode() + _code_digest(f.read()))
+  for fn in (h100_target_config, topology_devices, compile_job, _memory, _hlo_conv_stats):
+    h.update(_code_digest(inspect.getsource(fn)))
+  h.update(repr(sorted(TARGETS.items())).encode())
   versions = [jax.__version__]
   try:
     from importlib import metadata  # pylint: disable=import-outside-toplevel

@@ -30,7 +30,9 @@ def softmax_to(x, dtype):
 
 
 def _softmax_to_fwd(x, dtype):
-  p = softmax_to(x, dtype)
+  # Materialised here (the barrier): otherwise XLA fuses the softmax into its consumers in the
+  # backward pass and keeps the float32 similarities (and their max-shifted copy) alive instead.
+  p = jax.lax.optimization_barrier(softmax_to(x, dtype))
   return p, p
 
 

@@ -1,4 +1,4 @@
-"""`layers.batch_norm_train`: the hand-written BatchNorm gradient that keeps only x.
+"""`layers.batch_norm_train`: the hand-written BatchNorm gradient that keeps only x_hat.
 
 Checked against JAX's autodiff of the plain formula (float32), on one device and as SyncBN
 across 8 devices inside shard_map, and for what the backward pass keeps under bfloat16.
@@ -85,6 +85,20 @@ def test_bfloat16_backward_keeps_no_float32_activation():
   residuals = [r for r in jax.tree_util.tree_leaves(vjp) if hasattr(r, 'shape')]
   big = [(r.dtype, r.shape) for r in residuals if np.prod(r.shape) >= 2 * 12 * 12 * 8]
   assert big and all(dtype != jnp.float32 for dtype, _ in big), big
+
+
+def test_bfloat16_gradient_survives_a_mean_much_larger_than_the_spread():
+  """The bfloat16 residual is x_hat, not x: a channel at 100 +- 0.25 (bfloat16 spacing 0.5 there)
+  still gets the float32 gradient to bfloat16 precision. Rounding x would turn x - mean into
+  noise of the size of the spread."""
+  x, scale, bias, weight = _case()
+  x = 100.0 + 0.25 * (x - 1.0) / 3.0
+  loss = lambda fn: (lambda x: jnp.sum(fn(x).astype(jnp.float32) * weight))
+  ours = jax.grad(loss(lambda x: layers.batch_norm_train(x, scale, bias, None, EPS,
+                                                         jnp.bfloat16)[0]))(x)
+  ref = jax.grad(loss(lambda x: _plain(x, scale, bias, None)))(x)
+  err = np.abs(np.asarray(ours) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max()
+  assert err < 2e-2, err
 
 
 def test_softmax_to_gradient_equals_autodiff_and_keeps_only_its_output():

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memseg_jax import ops
+from memseg_jax.models.attention import softmax_to
 from memseg_jax.models.layers import torch_conv_bias_init, torch_conv_kernel_init
 
 SUPPORTS_VALID_HW = False
@@ -235,7 +236,10 @@ class TorchMultiheadAttention(nn.Module):
     q = (q[:, :, 0] * jnp.float32(math.sqrt(1.0 / head_dim))).astype(self.dtype)
     k, v = k[:, :, 0].astype(self.dtype), v[:, :, 0].astype(self.dtype)  # (B, L, heads, hd)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)          # (B, heads, L, L)
+    if self.dtype == jnp.float32:
+      weights = jax.nn.softmax(logits, axis=-1)                           # (B, heads, L, L)
+    else:   # low precision: the backward pass keeps only these probabilities, in self.dtype
+      weights = softmax_to(logits, self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v, preferred_element_type=jnp.float32)
     out = out.reshape(bsz, length, c).astype(self.dtype)
     # torch zero-initialises the out projection's bias (its weight keeps Linear's init).
