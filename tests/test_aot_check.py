@@ -15,7 +15,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from memseg_jax.config_validation import load_config
