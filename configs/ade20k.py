@@ -24,9 +24,13 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
-`python scripts/aot_check.py --configs=ade20k`: whether the documented batch fits each slice;
-add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
+Device memory of the bfloat16 train step, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): the batch of 16 fits the smallest listed slice, a TPU
+v4-8 (4 per chip: 5.83 of 30.75 GiB; 6.75 in float32), v5p-8 (5.90 of 95.74 GiB) and 8xH100 (2
+per GPU: 3.90 of 70.8 GiB). On v5e (15.75 GiB per chip) 8 images per chip fit (8.61 GiB,
+`python scripts/aot_check.py --configs=ade20k --targets=v5e-8 --steps=train_mem
+--dtypes=bfloat16 --per_device_batch=8`): `--config.train.batch_size=64` on a v5e-8 (the
+reference's lr and schedule are for 16).
 """
 
 from memseg_jax.config_validation import load_sibling_config

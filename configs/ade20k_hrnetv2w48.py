@@ -27,6 +27,15 @@ Reference config `mcibi_deeplabv3_hrnetv2w48_ade20k` (spec wave2 §4): the head 
 720-channel concatenation of the four HRNet branches at 1/4 (no auxiliary head), memory
 base_lr 0.004 (momentum 0.9 at the start), memory loss from epoch 2, lr_min 1% of lr.
 This file also holds `set_hrnetv2w48`, the backbone/head changes shared by the HRNet configs.
+
+On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
+train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): on v5e
+4 images per chip fit, narrowly (14.77 of 15.75 GiB,
+`python scripts/aot_check.py --configs=ade20k_hrnetv2w48 --targets=v5e-8 --steps=train_mem
+--dtypes=bfloat16 --per_device_batch=4`): use the batch of 16 on a v5e-8 (2 per chip). A TPU
+v4-8 (4 per chip, 30.75 GiB) follows from that figure (its own compile was not run to the end).
+Most of it is the memory module's attention over the 128x128 map at 1/4.
 """
 
 import ml_collections

@@ -15,9 +15,11 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnet101_v1c_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
-`python scripts/aot_check.py --configs=ade20k_r101`: whether the documented batch fits each slice;
-add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
+Device memory of the bfloat16 train step, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): the batch of 16 fits a TPU v4-8 (4 per chip: 7.95 of
+30.75 GiB). On v5e 8 images per chip fit (11.94 of 15.75 GiB,
+`python scripts/aot_check.py --configs=ade20k_r101 --targets=v5e-8 --steps=train_mem
+--dtypes=bfloat16 --per_device_batch=8`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

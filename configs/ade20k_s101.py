@@ -32,9 +32,11 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
-`python scripts/aot_check.py --configs=ade20k_s101`: whether the documented batch fits each
-slice; add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
+Device memory of the bfloat16 train step, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): the batch of 16 fits a TPU v4-8 (4 per chip: 9.74 of
+30.75 GiB). On v5e use 4 images per chip (9.73 of 15.75 GiB,
+`python scripts/aot_check.py --configs=ade20k_s101 --targets=v5e-8 --steps=train_mem
+--dtypes=bfloat16 --per_device_batch=4`); 8 would need about twice that.
 """
 
 from memseg_jax.config_validation import load_sibling_config

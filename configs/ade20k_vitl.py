@@ -31,6 +31,13 @@ attention and the FFN is 0.0: 1.7.0 asserts 0.1, but the released models and lat
 configs use 0.0 (`--config.model.backbone.drop_rate=0.1` gives 1.7.0's). ViT-L has 300M+
 parameters: `--config.model.remat=True` rematerialises each block in the backward pass
 (scripts/vit_memory.py prints the per-device peak with and without it).
+
+On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
+train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): on v5e
+4 images per chip fit (13.33 of 15.75 GiB, `python scripts/aot_check.py --configs=ade20k_vitl
+--targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=4`), so the batch of 16
+fits a v5e-8 (2 per chip) and a TPU v4-8 (4 per chip, 30.75 GiB; not compiled for v4).
 """
 
 import ml_collections

@@ -20,9 +20,10 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
-`python scripts/aot_check.py --configs=cityscapes`: whether the documented batch fits each slice;
-add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
+Device memory of the bfloat16 train step, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): the batch of 16 fits a v5e-8 (2 per chip: 6.19 of
+15.75 GiB, `python scripts/aot_check.py --configs=cityscapes --targets=v5e-8 --steps=train
+--dtypes=bfloat16`); 4 per chip (a TPU v4-8, 30.75 GiB) is about twice that, not compiled yet.
 """
 
 from memseg_jax.config_validation import load_sibling_config

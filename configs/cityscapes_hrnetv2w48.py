@@ -26,6 +26,13 @@ True reproduces SSSegmentation 1.7.0.
 Reference config `mcibi_deeplabv3_hrnetv2w48_cityscapes` (spec wave2 §4): lr 0.01, memory
 base_lr 0.009 (momentum ~1.0 at the start), no memory loss, no auxiliary head, and a stride-2
 3x3 CBR (`downsample_backbone`) on the 720-channel output: the head runs at 1/8.
+
+On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
+train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): not
+compiled yet (`python scripts/aot_check.py --configs=cityscapes_hrnetv2w48 --targets=v4-8
+--steps=train --dtypes=bfloat16`). The ADE20K HRNet network took 14.77 GiB at 4 crops of 512x512
+per v5e chip.
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -35,9 +35,12 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
-`python scripts/aot_check.py --configs=cityscapes_s101`: whether the documented batch fits each
-slice; add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
+Device memory of the bfloat16 train step, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): not compiled yet
+(`python scripts/aot_check.py --configs=cityscapes_s101 --targets=v4-8 --steps=train
+--dtypes=bfloat16`). Its batch of 16 at 512x1024 is 4 per chip on a v4-8, about the pixels of 8
+ADE20K crops; the same network took 9.73 GiB at 4 ADE20K crops per v5e chip, so expect about 19
+GiB on v4 and 2 per chip on v5e (the batch of 16 on a v5e-8).
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -22,6 +22,13 @@ was trained without a ReLU after the stem's first BN); True reproduces SSSegment
 Reference config `mcibi_deeplabv3_hrnetv2w48_cocostuff10k` (spec wave2 §4): lr 0.001, weight
 decay 1e-4, memory base_lr 0.0009 (momentum ~1.0 at the start), no memory loss, no auxiliary
 head, the head at 1/4 on the 720-channel output. The data pipeline is configs/cocostuff10k.py's.
+
+On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
+train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): not
+compiled yet (`python scripts/aot_check.py --configs=cocostuff10k_hrnetv2w48 --targets=v4-8
+--steps=train --dtypes=bfloat16`). The ADE20K HRNet network took 14.77 GiB at 4 crops of 512x512
+per v5e chip: on v5e use 2 per chip.
 """
 
 from memseg_jax.config_validation import load_sibling_config

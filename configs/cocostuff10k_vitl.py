@@ -21,6 +21,13 @@ https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_mcibi/):
         --config.eval.checkpoint=/ckpt/mcibi_vitl_cocostuff10k_flax
 
 Everything else as configs/ade20k_vitl.py (the ImageNet conversion command is there).
+
+On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
+train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): not
+compiled yet (`python scripts/aot_check.py --configs=cocostuff10k_vitl --targets=v5e-8
+--steps=train --dtypes=bfloat16 --per_device_batch=4`); the ADE20K ViT-L network took 13.33 GiB
+at 4 images per v5e chip.
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -12,6 +12,13 @@ self-attention, 3x3 decoder_cls). On 2 CPU cores it takes about as long as confi
 ends above it: measured 0.869 validation mIoU (demo.py: 0.687), 29 minutes on a shared machine
 (load 7-10; demo.py took 39 minutes at load 20). The DeepLabV3 variant
 (`set_mcibipp_head(config, 'deeplabv3')` below) reached 0.643 in 32 minutes (load 17-20).
+
+On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
+train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): not
+compiled yet (`python scripts/aot_check.py --configs=demo_mcibipp --targets=v4-8,v5e-8
+--steps=train --dtypes=bfloat16`); MCIBI++ UPerNet on ADE20K took 7.11 GiB at 4 images per v5e
+chip.
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -18,9 +18,11 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory (TPU v4-8, v5e-8, v5p-8, 8xH100), checked without a chip by
-`python scripts/aot_check.py --configs=lip`: whether the documented batch fits each slice;
-add `--targets=v5e-8 --per_device_batch=N` for the images per v5e chip (16 GiB HBM).
+Device memory of the bfloat16 train step, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): on v5e 8 images per chip fit (7.50 of 15.75 GiB,
+`python scripts/aot_check.py --configs=lip --targets=v5e-8 --steps=train --dtypes=bfloat16
+--per_device_batch=8`), so the batch of 32 fits a v5e-8 (4 per chip) and a TPU v4-8 (the same 8
+per chip, 30.75 GiB; not compiled for v4).
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -23,6 +23,14 @@ configs the head keeps ReLU (no LeakyReLU); memory base_lr 0.007 (momentum 0.9 a
 memory loss, no auxiliary head, stride-2 `downsample_backbone` (head at 1/8; the 119x119
 branch-0 map of a 473 crop makes the fuse layers' second resampling step a real downsample).
 The data pipeline is configs/lip.py's.
+
+On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
+train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): the
+batch of 40 fits a v5e-8 (5 per chip: 8.70 of 15.75 GiB,
+`python scripts/aot_check.py --configs=lip_hrnetv2w48 --targets=v5e-8 --steps=train
+--dtypes=bfloat16`). On a TPU v4-8 it is 10 per chip, about twice that (30.75 GiB there); that
+compile needs more than 24 GiB of host memory and was not measured.
 """
 
 from memseg_jax.config_validation import load_sibling_config

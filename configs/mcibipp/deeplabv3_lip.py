@@ -17,6 +17,13 @@ Evaluate the released checkpoint (converted once):
         --config.eval.checkpoint=/ckpt/mcibipp_deeplabv3_lip_released
 
 Settings: configs/mcibipp/_base.py (the reference's values, dataset by dataset).
+
+On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
+train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): not
+compiled yet (`python scripts/aot_check.py --configs=mcibipp/deeplabv3_lip --targets=v4-8,v5e-8
+--steps=train --dtypes=bfloat16`); MCIBI++ UPerNet on ADE20K took 7.11 GiB at 4 images per v5e
+chip.
 """
 
 from memseg_jax.config_validation import load_sibling_config
