@@ -95,8 +95,10 @@ def test_the_h100_description_has_the_published_figures():
 
 
 # ------------------------------------------------------------------------------- compiles
-_AUTO_CONV_FOR_TPU = r'''
-import json, os, sys
+# The start of every compile script: compile-only v5e devices (libtpu's environment is set
+# before JAX starts) and `on_one`, abstract values on the first of them.
+_V5E_PRELUDE = r'''
+import json, sys
 sys.path.insert(0, sys.argv[1])
 aot = __import__('aot_check')
 aot.set_environment()
@@ -104,38 +106,40 @@ import jax, jax.numpy as jnp
 from memseg_jax.models import layers
 devices = aot.topology_devices(aot.TARGETS['v5e-8'])
 one = jax.sharding.SingleDeviceSharding(devices[0])
+on_one = lambda tree: jax.tree_util.tree_map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), tree)
+'''
+
+
+def _compile_on_v5e(script: str):
+  """Runs _V5E_PRELUDE + script in a fresh process; returns the JSON of its last line."""
+  _needs_aot_extra()
+  proc = subprocess.run([sys.executable, '-c', _V5E_PRELUDE + script,
+                         os.path.join(REPO, 'scripts')],
+                        capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_AUTO_CONV_FOR_TPU = r'''
 # conv_impl 'auto' without a platform: decided when lowering, for the TPU here.
 block = layers.ConvBNAct(16, 3, dilation=6, conv_impl='auto')
 x = jax.ShapeDtypeStruct((2, 24, 24, 8), jnp.float32, sharding=one)
 variables = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), jnp.zeros((2, 24, 24, 8))))
-variables = jax.tree_util.tree_map(
-    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), variables)
-text = jax.jit(block.apply).lower(variables, x).compile().as_text()
+text = jax.jit(block.apply).lower(on_one(variables), x).compile().as_text()
 print(json.dumps(aot._hlo_conv_stats(text)))
 '''
 
 
 def test_auto_convolutions_compile_native_for_tpu_from_a_cpu_process():
-  _needs_aot_extra()
-  proc = subprocess.run([sys.executable, '-c', _AUTO_CONV_FOR_TPU, os.path.join(REPO, 'scripts')],
-                        capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, PYTHONPATH=REPO))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  stats = json.loads(proc.stdout.strip().splitlines()[-1])
+  stats = _compile_on_v5e(_AUTO_CONV_FOR_TPU)
   # One native 3x3 convolution with dilation 6 (the CPU form would be per-tap matmuls).
   assert stats['convolutions'] == 1 and stats.get('rhs_dilate_6') == 1, stats
 
 
 _BN_RESIDUALS_FOR_TPU = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-aot = __import__('aot_check')
-aot.set_environment()
 import flax.linen as nn
-import jax, jax.numpy as jnp
-from memseg_jax.models import layers
-devices = aot.topology_devices(aot.TARGETS['v5e-8'])
-one = jax.sharding.SingleDeviceSharding(devices[0])
 B, H, W, C, N = 8, 64, 64, 256, 6
 
 
@@ -158,11 +162,9 @@ def loss(params, stats, x):
 
 
 def temp_bytes():
-  spec = lambda t: jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), t)
   x = jax.ShapeDtypeStruct((B, H, W, C), jnp.float32, sharding=one)
-  compiled = jax.jit(jax.grad(loss)).lower(spec(variables['params']),
-                                          spec(variables['batch_stats']), x).compile()
+  compiled = jax.jit(jax.grad(loss)).lower(on_one(variables['params']),
+                                          on_one(variables['batch_stats']), x).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -184,13 +186,7 @@ def test_bfloat16_batchnorm_keeps_a_bfloat16_residual_in_the_tpu_program():
   against 173 MB of temporaries), in the ADE20K R-50 step at 8 images per v5e chip most of the
   backbone's (a 9.55 GiB peak against 8.58 GiB). The barrier must make the program smaller.
   """
-  _needs_aot_extra()
-  proc = subprocess.run([sys.executable, '-c', _BN_RESIDUALS_FOR_TPU,
-                         os.path.join(REPO, 'scripts')],
-                        capture_output=True, text=True, timeout=900,
-                        env=dict(os.environ, PYTHONPATH=REPO))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  r = _compile_on_v5e(_BN_RESIDUALS_FOR_TPU)
   print(r)
   assert r['with'] < r['without'], r
 
