@@ -411,6 +411,8 @@ def summarise(jobs: List[Job], records: Dict[int, Dict], tpu_flops: Dict[tuple, 
     key = (job.target, job.config, job.step, job.dtype)
     groups.setdefault(key, []).append(i)
   for (tname, cname, step, dtype), idx in groups.items():
+    if any(i not in records for i in idx):   # not (all) compiled yet: --cached_only
+      continue
     target = TARGETS[tname]
     recs = [records[i] for i in idx]
     flops = []
@@ -511,6 +513,8 @@ def parse_args(argv=None):
   p.add_argument('--dump_to', default='', help='XLA dump folder (buffer assignment, live ranges)')
   p.add_argument('--json_out', default='', help='write the rows (and records) here as JSON')
   p.add_argument('--dry_run', action='store_true', help='list the jobs, compile nothing')
+  p.add_argument('--cached_only', action='store_true',
+                 help='compile nothing: the table from the cache, and what is not compiled yet')
   return p.parse_args(argv)
 
 
@@ -574,6 +578,7 @@ def main(argv=None) -> int:
   records: Dict[int, Dict] = {}
   tpu_flops: Dict[tuple, float] = {}
   device_cache = {}
+  missing: List[Job] = []
   for i, job in enumerate(jobs):
     key = job.key(rev)
     path = os.path.join(args.cache_dir, f'{key}.json')
@@ -583,6 +588,9 @@ def main(argv=None) -> int:
       with open(path) as f:
         record = json.load(f)
       record['cached'] = True
+    if record is None and args.cached_only:
+      missing.append(job)
+      continue
     if record is None:
       if job.target not in device_cache:
         device_cache[job.target] = topology_devices(target)
@@ -616,6 +624,12 @@ def main(argv=None) -> int:
       tpu_flops.setdefault(_flops_key(job), {}).setdefault(target.chips, record['flops'])
   rows = summarise(jobs, records, tpu_flops)
   print_table(rows)
+  if missing:
+    print(f'\nnot compiled yet ({len(missing)} of {len(jobs)} compiles; run without '
+          '--cached_only to compile them):')
+    for job in missing:
+      print(f'  {job.target} {job.config} {job.step} {job.dtype} {job.kind} '
+            f'{tuple(job.shape)}')
   if args.json_out:
     with open(args.json_out, 'w') as f:
       json.dump({'revision': rev, 'rows': rows,

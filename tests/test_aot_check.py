@@ -86,6 +86,40 @@ def test_the_cache_key_ignores_comments_and_docstrings_but_not_code():
   assert aot._code_digest('def f(x):\n  return x.astype(jnp.bfloat16) + 1\n') != base
 
 
+def test_cached_only_prints_the_cached_rows_and_lists_the_rest_without_compiling(
+    tmp_path, capsys, monkeypatch):
+  aot = _aot_module()
+  monkeypatch.setattr(os, 'environ', dict(os.environ))   # main sets libtpu's variables
+  jobs = aot.jobs_for(os.path.join(CONFIGS, 'ade20k.py'), CONFIGS, {'train_mem'}, ['bfloat16'],
+                      ['v4-8', '8xH100'])
+  v4, h100 = jobs
+  rev = aot.revision()
+  gib = 1 << 30
+  # The TPU record carries the FLOPs; the GPU one has none (as the CUDA compiler reports).
+  for job, peak, flops in ((v4, 5.5 * gib, 8.0e12), (h100, 3.25 * gib, None)):
+    with open(tmp_path / f'{job.key(rev)}.json', 'w') as f:
+      json.dump({'compile_seconds': 1.0, 'memory': {'peak': peak}, 'flops': flops,
+                 'hlo': {}, 'fits': True}, f)
+  args = ['--cached_only', '--configs=ade20k', '--targets=v4-8,8xH100', '--steps=train_mem',
+          '--dtypes=bfloat16', f'--cache_dir={tmp_path}']
+  assert aot.main(args) == 0
+  out, err = capsys.readouterr()
+  assert 'compiling' not in err
+  rows = [line for line in out.splitlines() if 'train_mem' in line]
+  assert '5.50 (30.75)' in rows[0] and '8.000' in rows[0]
+  # The GPU row: 4 chips' per-device FLOPs spread over 8 GPUs.
+  assert '3.25 (70.78)' in rows[1] and '4.000*' in rows[1]
+  assert 'not compiled yet' not in out
+
+  os.remove(tmp_path / f'{h100.key(rev)}.json')
+  assert aot.main(args) == 0
+  out, err = capsys.readouterr()
+  assert 'compiling' not in err
+  assert 'not compiled yet (1 of 2 compiles' in out
+  assert '8xH100 ade20k train_mem bfloat16 train (16, 512, 512)' in out
+  assert sum('| 8xH100 |' in line for line in out.splitlines()) == 0
+
+
 def test_the_h100_description_has_the_published_figures():
   text = _aot_module().h100_target_config()
   for field in ('core_count: 132', 'cuda_compute_capability { major: 9 minor: 0 }',
