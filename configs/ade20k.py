@@ -9,7 +9,8 @@ Expected (the reference's released model, SSSegmentation `mcibi_deeplabv3_r50_ad
 in `ms_flip` below). About 164k steps (1,263 per epoch on 8 devices, spec section 5); the
 memory loss joins from epoch 2. Prepare the data first:
 
-    python scripts/prepare_datasets.py --dataset=ade20k --manual_dir=/data/ADEChallengeData2016 --data_dir=/data/tfds
+    python scripts/prepare_datasets.py --dataset=ade20k \
+        --manual_dir=/data/ADEChallengeData2016 --data_dir=/data/tfds
 
 The ImageNet backbone: `python -m memseg_jax.convert --imagenet
 --torch_checkpoint=resnet50_v1c.pth --config=configs/ade20k.py --output=/ckpt/resnet50_v1c_imagenet`

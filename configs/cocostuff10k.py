@@ -1,6 +1,7 @@
 """MCIBI, DeepLabV3 R-50-D8, COCO-Stuff-10k (182 classes), 512x512, batch 16, 110 epochs.
 
-    python -m memseg_jax.main --config=configs/cocostuff10k.py --workdir=/ckpt/mcibi_r50_cocostuff10k \
+    python -m memseg_jax.main --config=configs/cocostuff10k.py \
+        --workdir=/ckpt/mcibi_r50_cocostuff10k \
         --config.data.data_dir=/data/tfds \
         --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet
 
@@ -12,7 +13,8 @@ momentum starts at 1.0), no memory loss.
 On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
 float32):
 
-    python -m memseg_jax.main --config=configs/cocostuff10k.py --workdir=/ckpt/mcibi_r50_cocostuff10k \
+    python -m memseg_jax.main --config=configs/cocostuff10k.py \
+        --workdir=/ckpt/mcibi_r50_cocostuff10k \
         --config.data.data_dir=/data/tfds \
         --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
         --config.model.dtype=bfloat16
