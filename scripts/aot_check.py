@@ -190,6 +190,8 @@ class Job:
         'optimizer': [float(c.train.momentum), float(c.train.weight_decay), float(c.train.lr)],
         'ignore_index': int(c.data.ignore_index), 'kind': self.kind, 'shape': list(self.shape),
         'memory_loss': self.step == 'train_mem', 'target': self.target, 'revision': revision}
+    if os.environ.get('XLA_FLAGS'):   # they change the compiled program: cached apart
+      structure['xla_flags'] = os.environ['XLA_FLAGS']
     return hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -395,6 +397,27 @@ def oom_record(error: BaseException, seconds: float) -> Dict[str, Any]:
           'error': str(error).splitlines()[0][:500]}
 
 
+# Without a device XLA's GPU compiler cannot autotune: it takes its default Triton tiling for
+# each fused matmul, and for some shapes (the ViT-L train step's [2050, 1024] projections at 2
+# images per GPU) finds none that fits and fails. On a GPU the autotuner chooses among tilings;
+# here XLA_FLAGS=--xla_gpu_enable_triton_gemm=false compiles those matmuls as cuBLAS calls.
+_GPU_TILING_ERROR = "Couldn't find output tile sizes"
+
+
+def error_record(error: BaseException, seconds: float, target: Target) -> Dict[str, Any]:
+  """The record of a compile that failed for another reason than device memory."""
+  text = str(error)
+  first = next((line for line in text.splitlines() if line.strip()), repr(error))
+  record = {'compile_seconds': seconds, 'fits': False, 'compile_error': True,
+            'memory': {'peak': None}, 'flops': None, 'hlo': {}, 'error': first[:500],
+            'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  if target.platform != 'tpu' and _GPU_TILING_ERROR in text:
+    record['hint'] = ('XLA found no Triton tiling for a matmul without a GPU to autotune on; '
+                      'compile it with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cached '
+                      'apart, as a program of its own)')
+  return record
+
+
 # ------------------------------------------------------------------------------------- table
 def images_per_second(target: Target, flops: Optional[float], images_per_chip: float,
                       fraction: float) -> Optional[float]:
@@ -447,6 +470,7 @@ def summarise(jobs: List[Job], records: Dict[int, Dict], tpu_flops: Dict[tuple, 
         'img_s_40': images_per_second(target, total, per_chip_images, 0.4),
         'img_s_60': images_per_second(target, total, per_chip_images, 0.6),
         'fits': fits, 'oom': any(r.get('oom') for r in recs),
+        'error': next((r['error'] for r in recs if r.get('compile_error')), None),
         'hlo': recs[0].get('hlo', {}), 'cached': all(r.get('cached') for r in recs),
     })
   return rows
@@ -485,6 +509,8 @@ def print_table(rows, out=sys.stdout):
   print('|' + '---|' * 10, file=out)
   for r in rows:
     peak = ('OOM ' if r['oom'] else '') + _fmt(r['peak_gib'], '.2f')
+    if r.get('error'):
+      peak = 'compile error'
     tflop = _fmt(r['tflop'], '.3f') + ('*' if r['flops_from_tpu'] else '')
     print(f"| {r['target']} | {r['config']} | {r['step']} | {r['dtype']} | {r['batch']} | "
           f"{r['compile_s']:.0f}{' (cached)' if r['cached'] else ''} | "
@@ -600,18 +626,23 @@ def main(argv=None) -> int:
       try:
         record = compile_job(job, target, device_cache[job.target], args.dump_to or None)
       except Exception as e:  # pylint: disable=broad-except
-        if not resources.is_resource_exhausted(e):
-          raise
-        record = oom_record(e, time.time() - t0)
-        record['memory']['available'] = (record['memory']['available']
-                                          or target.capacity_gib * GIB)
-        per_device = job.shape[0] // target.chips if job.kind == 'train' else job.shape[0]
-        print(resources.out_of_memory_message(
-            f'{job.config} on {job.target}', per_device, record['memory']['peak'],
-            record['memory']['available'], dtype=job.dtype,
-            has_remat='remat' in job.cfg.model,
-            what='the train step' if job.kind == 'train' else 'the evaluation forward'),
-              file=sys.stderr, flush=True)
+        if resources.is_resource_exhausted(e):
+          record = oom_record(e, time.time() - t0)
+          record['memory']['available'] = (record['memory']['available']
+                                            or target.capacity_gib * GIB)
+          per_device = job.shape[0] // target.chips if job.kind == 'train' else job.shape[0]
+          print(resources.out_of_memory_message(
+              f'{job.config} on {job.target}', per_device, record['memory']['peak'],
+              record['memory']['available'], dtype=job.dtype,
+              has_remat='remat' in job.cfg.model,
+              what='the train step' if job.kind == 'train' else 'the evaluation forward'),
+                file=sys.stderr, flush=True)
+        else:   # the compiler failed otherwise: a row of the table, and the run goes on
+          record = error_record(e, time.time() - t0, target)
+          print(f'compile error: {job.config} {job.step} {job.dtype} {job.kind} '
+                f"{tuple(job.shape)} on {job.target}: {record['error']}"
+                + (f"\n  {record['hint']}" if record.get('hint') else ''),
+                file=sys.stderr, flush=True)
       record['job'] = {'config': job.config, 'step': job.step, 'dtype': job.dtype,
                        'target': job.target, 'kind': job.kind, 'shape': list(job.shape),
                        'revision': rev}
@@ -637,6 +668,10 @@ def main(argv=None) -> int:
                 f, indent=1)
   bad = [r for r in rows if not r['fits']]
   for r in bad:
+    if r.get('error'):
+      print(f"did not compile: {r['config']} {r['step']} {r['dtype']} on {r['target']}: "
+            f"{r['error']}", file=sys.stderr)
+      continue
     print(f"does not fit: {r['config']} {r['step']} {r['dtype']} on {r['target']} "
           f"({r['batch']} images per device)", file=sys.stderr)
   return 1 if bad else 0

@@ -120,6 +120,48 @@ def test_cached_only_prints_the_cached_rows_and_lists_the_rest_without_compiling
   assert sum('| 8xH100 |' in line for line in out.splitlines()) == 0
 
 
+def test_a_compile_that_fails_is_a_row_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+  aot = _aot_module()
+  monkeypatch.setattr(os, 'environ', dict(os.environ))
+  monkeypatch.setattr(aot, 'topology_devices', lambda target: [target.name])
+  gib = 1 << 30
+  calls = []
+  mode = {'gpu_fails': True}
+
+  # One function throughout: its source is part of the cache's revision.
+  def fake_compile(job, target, devices, dump_to=None):
+    calls.append(target.name)
+    if target.platform == 'cuda' and mode['gpu_fails']:
+      raise RuntimeError("INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.1")
+    peak = 7.5 if target.platform == 'tpu' else 3.0
+    return {'compile_seconds': 2.0, 'memory': {'peak': peak * gib}, 'flops': 1e12, 'hlo': {},
+            'fits': True}
+
+  monkeypatch.setattr(aot, 'compile_job', fake_compile)
+  args = ['--configs=ade20k', '--targets=v4-8,8xH100', '--steps=train_mem',
+          '--dtypes=bfloat16', f'--cache_dir={tmp_path}']
+  assert aot.main(args) == 1
+  out, err = capsys.readouterr()
+  assert 'compile error: ade20k train_mem bfloat16 train (16, 512, 512) on 8xH100' in err
+  assert 'XLA_FLAGS=--xla_gpu_enable_triton_gemm=false' in err
+  assert 'did not compile: ade20k train_mem bfloat16 on 8xH100' in err
+  rows = [line for line in out.splitlines() if 'train_mem' in line]
+  assert '7.50 (30.75)' in rows[0] and 'compile error' in rows[1]
+  assert calls == ['v4-8', '8xH100']
+
+  # Both results are cached: nothing compiles again.
+  mode['gpu_fails'] = False
+  assert aot.main(args) == 1
+  capsys.readouterr()
+  assert calls == ['v4-8', '8xH100']
+  # XLA_FLAGS make other programs: cached apart, compiled anew.
+  os.environ['XLA_FLAGS'] = '--xla_gpu_enable_triton_gemm=false'
+  assert aot.main(args) == 0
+  assert calls == ['v4-8', '8xH100'] * 2
+  out, _ = capsys.readouterr()
+  assert '3.00 (70.78)' in out
+
+
 def test_the_h100_description_has_the_published_figures():
   text = _aot_module().h100_target_config()
   for field in ('core_count: 132', 'cuda_compute_capability { major: 9 minor: 0 }',
