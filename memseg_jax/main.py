@@ -96,6 +96,13 @@ def run(config, workdir: str, mode: str = 'train'):
   return train.train_and_evaluate(config, workdir)
 
 
+def _config_name(config) -> str:
+  try:
+    return config_flags.get_config_filename(flags.FLAGS['config'])
+  except Exception:  # pylint: disable=broad-except
+    return f'the {config.data.name} config'
+
+
 def out_of_memory_message(config, error: BaseException, mode: str = 'train') -> str:
   """The one-line message for a RESOURCE_EXHAUSTED `error` (memseg_jax.resources)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -108,12 +115,8 @@ def out_of_memory_message(config, error: BaseException, mode: str = 'train') -> 
       available = None
   batch = config.train.batch_size if mode == 'train' else config.eval.batch_size
   per_device = max(int(batch) // max(jax.device_count(), 1), 1)
-  try:
-    name = config_flags.get_config_filename(flags.FLAGS['config'])
-  except Exception:  # pylint: disable=broad-except
-    name = f'the {config.data.name} config'
   return resources.out_of_memory_message(
-      name, per_device, needed, available, dtype=config.model.dtype,
+      _config_name(config), per_device, needed, available, dtype=config.model.dtype,
       has_remat='remat' in config.model,
       what='the train step' if mode == 'train' else 'the evaluation')
 
@@ -135,6 +138,10 @@ def main(argv):
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except Exception as e:  # pylint: disable=broad-except
+    if resources.is_gpu_tiling_failure(e):
+      errors.fail(resources.gpu_tiling_message(
+          _config_name(_CONFIG.value),
+          'the train step' if _MODE.value == 'train' else 'the evaluation'))
     if not resources.is_resource_exhausted(e):
       raise
     # Device memory: what does not fit, by how much, and what to change (no traceback).

@@ -23,6 +23,26 @@ def is_resource_exhausted(error: BaseException) -> bool:
   return 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text or 'Ran out of memory' in text
 
 
+# XLA's GPU compiler fuses matmuls into Triton kernels and picks a tiling for each; when it finds
+# none that fits a shape (seen without a device to autotune on, for ViT-L's bfloat16 attention
+# projections: scripts/aot_check.py) it stops with this INTERNAL error. Compiling the matmuls as
+# cuBLAS calls instead avoids it.
+GPU_TILING_ERROR = "Couldn't find output tile sizes"
+GPU_TILING_WORKAROUND = 'XLA_FLAGS=--xla_gpu_enable_triton_gemm=false'
+
+
+def is_gpu_tiling_failure(error: BaseException) -> bool:
+  """Whether `error` is XLA's GPU compiler finding no Triton tiling for a fused matmul."""
+  return GPU_TILING_ERROR in str(error)
+
+
+def gpu_tiling_message(config_name: str, what: str = 'the train step') -> str:
+  """The one-line message for `is_gpu_tiling_failure`: what failed and the workaround."""
+  return (f'{config_name}: XLA\'s GPU compiler found no Triton tiling for a fused matmul of '
+          f'{what} ("{GPU_TILING_ERROR}"). Run it again with {GPU_TILING_WORKAROUND} in the '
+          'environment: those matmuls then compile as cuBLAS calls.')
+
+
 def _bytes(number: str, unit: str) -> float:
   return float(number) * _UNITS[unit.upper()]
 

@@ -398,23 +398,23 @@ def oom_record(error: BaseException, seconds: float) -> Dict[str, Any]:
 
 
 # Without a device XLA's GPU compiler cannot autotune: it takes its default Triton tiling for
-# each fused matmul, and for some shapes (the ViT-L train step's [2050, 1024] projections at 2
-# images per GPU) finds none that fits and fails. On a GPU the autotuner chooses among tilings;
-# here XLA_FLAGS=--xla_gpu_enable_triton_gemm=false compiles those matmuls as cuBLAS calls.
-_GPU_TILING_ERROR = "Couldn't find output tile sizes"
+# each fused matmul, and for some shapes (ViT-L's bfloat16 attention projections, [2050, 1024]
+# in the train step at 2 images per GPU) finds none that fits and fails
+# (`resources.is_gpu_tiling_failure`); the row then says how to compile it anyway.
 
 
 def error_record(error: BaseException, seconds: float, target: Target) -> Dict[str, Any]:
   """The record of a compile that failed for another reason than device memory."""
+  from memseg_jax import resources  # pylint: disable=import-outside-toplevel
   text = str(error)
   first = next((line for line in text.splitlines() if line.strip()), repr(error))
   record = {'compile_seconds': seconds, 'fits': False, 'compile_error': True,
             'memory': {'peak': None}, 'flops': None, 'hlo': {}, 'error': first[:500],
             'xla_flags': os.environ.get('XLA_FLAGS', '')}
-  if target.platform != 'tpu' and _GPU_TILING_ERROR in text:
+  if target.platform != 'tpu' and resources.is_gpu_tiling_failure(error):
     record['hint'] = ('XLA found no Triton tiling for a matmul without a GPU to autotune on; '
-                      'compile it with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cached '
-                      'apart, as a program of its own)')
+                      f'compile it with {resources.GPU_TILING_WORKAROUND} (cached apart, as a '
+                      'program of its own)')
   return record
 
 

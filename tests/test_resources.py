@@ -79,3 +79,24 @@ def test_other_runtime_errors_still_raise(tmp_path):
        f'--workdir={tmp_path}', 'INTERNAL: something else'], cwd=REPO, capture_output=True,
       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
   assert proc.returncode != 0 and 'Traceback' in proc.stderr
+
+
+# XLA's GPU compiler, finding no Triton tiling for a fused matmul (jax 0.10.2, shortened).
+GPU_TILING = ("INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.873 = "
+              'bf16[2050,1024]{1,0} dot(%bitcast.5387, %parameter_1.4)')
+
+
+def test_main_turns_a_gpu_tiling_failure_into_one_message_with_the_workaround(tmp_path):
+  assert resources.is_gpu_tiling_failure(RuntimeError(GPU_TILING))
+  assert not resources.is_gpu_tiling_failure(RuntimeError('INTERNAL: something else'))
+  assert not resources.is_resource_exhausted(RuntimeError(GPU_TILING))
+  proc = subprocess.run(
+      [sys.executable, '-c', _MAIN_WITH_OOM, f'--config={REPO}/configs/ade20k_vitl.py',
+       f'--workdir={tmp_path}', GPU_TILING], cwd=REPO, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert 'configs/ade20k_vitl.py' in lines[0] and 'the train step' in lines[0]
+  assert 'XLA_FLAGS=--xla_gpu_enable_triton_gemm=false' in lines[0]
