@@ -20,10 +20,11 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory of the bfloat16 train step, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): the batch of 16 fits a v5e-8 (2 per chip: 6.19 of
-15.75 GiB, `python scripts/aot_check.py --configs=cityscapes --targets=v5e-8 --steps=train
---dtypes=bfloat16`); 4 per chip (a TPU v4-8, 30.75 GiB) is about twice that, not compiled yet.
+Device memory of the bfloat16 train step at the batch of 16, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 11.86 of 30.75 GiB; v5e-8 (2
+per chip): 6.19 of 15.75 GiB. It fits the smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=cityscapes --targets=v4-8 --steps=train
+--dtypes=bfloat16`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

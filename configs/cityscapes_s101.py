@@ -35,12 +35,13 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory of the bfloat16 train step, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): not compiled yet
-(`python scripts/aot_check.py --configs=cityscapes_s101 --targets=v4-8 --steps=train
---dtypes=bfloat16`). Its batch of 16 at 512x1024 is 4 per chip on a v4-8, about the pixels of 8
-ADE20K crops; the same network took 9.73 GiB at 4 ADE20K crops per v5e chip, so expect about 19
-GiB on v4 and 2 per chip on v5e (the batch of 16 on a v5e-8).
+Device memory of the bfloat16 train step at the batch of 16, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 19.43 of 30.75 GiB. It fits the
+smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=cityscapes_s101
+--targets=v4-8 --steps=train --dtypes=bfloat16`). On v5e (15.75 GiB per chip) use 2 images per
+chip or fewer: the v4-8 figure scaled by the batch (not compiled for v5e:
+`python scripts/aot_check.py --configs=cityscapes_s101 --targets=v5e-8 --steps=train
+--dtypes=bfloat16 --per_device_batch=2`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

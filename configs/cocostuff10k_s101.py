@@ -33,12 +33,13 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory of the bfloat16 train step, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): not compiled yet
-(`python scripts/aot_check.py --configs=cocostuff10k_s101 --targets=v4-8 --steps=train
---dtypes=bfloat16`). Its batch of 32 is 8 per chip on a v4-8; the same network took 26.64 GiB at
-10 LIP crops (473x473) per v4 chip and 9.73 GiB at 4 ADE20K crops per v5e chip, so expect about
-20 GiB on v4 and 4 per chip on v5e.
+Device memory of the bfloat16 train step at the batch of 32, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (8 per chip): 15.88 of 30.75 GiB. It fits the
+smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=cocostuff10k_s101
+--targets=v4-8 --steps=train --dtypes=bfloat16`). On v5e (15.75 GiB per chip) use 4 images per
+chip or fewer: the v4-8 figure scaled by the batch (not compiled for v5e:
+`python scripts/aot_check.py --configs=cocostuff10k_s101 --targets=v5e-8 --steps=train
+--dtypes=bfloat16 --per_device_batch=4`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

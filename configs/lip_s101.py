@@ -32,11 +32,11 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory of the bfloat16 train step, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): the batch of 40 fits a TPU v4-8 (10 per chip: 26.64 of
-30.75 GiB, 13 % margin) and a v5e-8 (5 per chip: 11.66 of 15.75 GiB,
-`python scripts/aot_check.py --configs=lip_s101 --targets=v5e-8 --steps=train
---dtypes=bfloat16`).
+Device memory of the bfloat16 train step at the batch of 40, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (10 per chip): 26.64 of 30.75 GiB; v5p-8 (10
+per chip): 26.61 of 95.74 GiB; v5e-8 (5 per chip): 11.66 of 15.75 GiB. It fits the smallest
+listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=lip_s101 --targets=v4-8
+--steps=train --dtypes=bfloat16`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -20,10 +20,13 @@ Settings: configs/mcibipp/_base.py (the reference's values, dataset by dataset).
 
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
-train step, compiled for the chips without one (scripts/aot_check.py; README, Hardware): not
-compiled yet (`python scripts/aot_check.py --configs=mcibipp/fcn_lip --targets=v4-8,v5e-8
---steps=train --dtypes=bfloat16`); MCIBI++ UPerNet on ADE20K took 7.11 GiB at 4 images per v5e
-chip.
+train step at the batch of 32, compiled for the chips without one (scripts/aot_check.py; README,
+Hardware): TPU v4-8 (8 per chip): 6.01 of 30.75 GiB. It fits the smallest listed slice, a TPU
+v4-8 (`python scripts/aot_check.py --configs=mcibipp/fcn_lip --targets=v4-8 --steps=train
+--dtypes=bfloat16`). On v5e (15.75 GiB per chip) use 8 images per chip or fewer: the v4-8 figure
+scaled by the batch (not compiled for v5e:
+`python scripts/aot_check.py --configs=mcibipp/fcn_lip --targets=v5e-8 --steps=train
+--dtypes=bfloat16 --per_device_batch=8`).
 """
 
 from memseg_jax.config_validation import load_sibling_config
