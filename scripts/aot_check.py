@@ -439,9 +439,10 @@ def summarise(jobs: List[Job], records: Dict[int, Dict], tpu_flops: Dict[tuple, 
     target = TARGETS[tname]
     recs = [records[i] for i in idx]
     flops = []
+    failed = any(r.get('compile_error') or r.get('oom') for r in recs)
     for i, r in zip(idx, recs):
       f = r.get('flops')
-      if f is None:       # GPU: no cost analysis; the TPU count of the same program
+      if f is None and not failed:  # GPU: no cost analysis; the TPU count of the same program
         f = _tpu_flops_for(jobs[i], tpu_flops)
       flops.append(f)
     peak = max((r['memory'].get('peak') or 0.0) for r in recs)

@@ -147,6 +147,8 @@ def test_a_compile_that_fails_is_a_row_and_the_run_goes_on(tmp_path, capsys, mon
   assert 'did not compile: ade20k train_mem bfloat16 on 8xH100' in err
   rows = [line for line in out.splitlines() if 'train_mem' in line]
   assert '7.50 (30.75)' in rows[0] and 'compile error' in rows[1]
+  # A program that did not compile has no FLOPs and no throughput (not the TPU program's).
+  assert rows[1].endswith('| - | - | - / - |')
   assert calls == ['v4-8', '8xH100']
 
   # Both results are cached: nothing compiles again.
