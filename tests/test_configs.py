@@ -11,6 +11,7 @@ grid). The step's lr and memory momentum are checked against the config's schedu
 """
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -67,6 +68,55 @@ def test_every_config_loads_from_its_folder_and_validates():
       assert config.model.mcibipp.fpn == (decoder == 'upernet')
       assert config.model.memory.use_context_within_image == (decoder != 'fcn')
 
+
+
+# The devices of each target aot_check compiles for (scripts/aot_check.py TARGETS) and their memory.
+_TARGET_CHIPS = {'v4-8': (4, '30.75'), 'v5p-8': (4, '95.74'), 'v5e-8': (8, '15.75'),
+                 '8xH100': (8, '70.78')}
+
+
+def test_every_docstring_states_the_measured_device_memory_of_its_documented_batch():
+  """The figures in each docstring are rows of README's Hardware table, at the config's batch.
+
+  Each config's docstring gives the device memory of its bfloat16 train step (with the memory
+  loss where the config has it) at its documented global batch on every target compiled, the
+  v4-8 (the smallest listed slice) first. Checked against the config itself (batch, memory loss)
+  and the aot_check table in the README, so that neither drifts from the other.
+  """
+  readme = os.path.join(os.path.dirname(CONFIGS), 'README.md')
+  with open(readme) as f:
+    table = [line for line in f if line.startswith('| ') and '| bfloat16 |' in line]
+  item = re.compile(r'(?:TPU )?(v4-8|v5p-8|v5e-8|8xH100) \((\d+) per (?:chip|GPU)\): '
+                    r'(\d+\.\d\d) of (\d+\.\d\d) GiB')
+  checked = 0
+  for name in CONFIG_FILES:
+    if name == 'default.py':
+      continue
+    config = load_config(os.path.join(CONFIGS, name))
+    with open(os.path.join(CONFIGS, name)) as f:
+      doc = ' '.join(f.read().split('"""')[1].split())
+    m = re.search(r'Device memory of the bfloat16 train step( with the memory loss)? at the batch '
+                  r'of (\d+), compiled for the chips without one \(scripts/aot_check\.py; README, '
+                  r'Hardware\): (.*?)\. It fits the smallest listed slice, a TPU v4-8', doc)
+    assert m, f'{name}: no device memory statement'
+    memory_loss = config.model.name == 'mcibi' and config.model.memory.use_loss
+    assert bool(m.group(1)) == memory_loss, name
+    batch = int(m.group(2))
+    assert batch == config.train.batch_size, name
+    step = 'train_mem' if memory_loss else 'train'
+    items = m.group(3).split('; ')
+    assert item.fullmatch(items[0]) and items[0].startswith('TPU v4-8'), (name, items[0])
+    for text in items:
+      target, per_device, peak, capacity = item.fullmatch(text).groups()
+      chips, cap = _TARGET_CHIPS[target]
+      assert int(per_device) * chips == batch and capacity == cap, (name, text)
+      assert float(peak) < float(capacity), (name, text)
+      row = (f'| {target} | {name[:-3]} | {step} | bfloat16 | {per_device} ({batch}) | ')
+      rows = [line for line in table if line.startswith(row)]
+      assert len(rows) == 1, f'{name}: no README row {row}'
+      assert f'| {peak} ({cap}) |' in rows[0], (name, text, rows[0])
+      checked += 1
+  assert checked >= len(CONFIG_FILES) - 1
 
 def _repeats_a_structure(name: str) -> bool:
   """Whether the config's model is another config's with only dataset values changed.
