@@ -25,7 +25,8 @@ def is_resource_exhausted(error: BaseException) -> bool:
 
 # XLA's GPU compiler fuses matmuls into Triton kernels and picks a tiling for each; when it finds
 # none that fits a shape (seen without a device to autotune on, for ViT-L's bfloat16 attention
-# projections: scripts/aot_check.py) it stops with this INTERNAL error. Compiling the matmuls as
+# projections and for small float32 matmuls at full precision, the PPM pooling's 6x6 bins:
+# scripts/aot_check.py) it stops with this INTERNAL error. Compiling the matmuls as
 # cuBLAS calls instead avoids it.
 GPU_TILING_ERROR = "Couldn't find output tile sizes"
 GPU_TILING_WORKAROUND = 'XLA_FLAGS=--xla_gpu_enable_triton_gemm=false'

@@ -399,8 +399,9 @@ def oom_record(error: BaseException, seconds: float) -> Dict[str, Any]:
 
 # Without a device XLA's GPU compiler cannot autotune: it takes its default Triton tiling for
 # each fused matmul, and for some shapes (ViT-L's bfloat16 attention projections, [2050, 1024]
-# in the train step at 2 images per GPU) finds none that fits and fails
-# (`resources.is_gpu_tiling_failure`); the row then says how to compile it anyway.
+# in the train step at 2 images per GPU; the float32 PPM pooling of the UPerNet and MCIBI++
+# PSPNet/UPerNet heads, [24576, 6]; demo_mcibipp's memory update, [64, 8]) finds none that fits
+# and fails (`resources.is_gpu_tiling_failure`); the row then says how to compile it anyway.
 
 
 def error_record(error: BaseException, seconds: float, target: Target) -> Dict[str, Any]:
