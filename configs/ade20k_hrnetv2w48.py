@@ -29,17 +29,17 @@ base_lr 0.004 (momentum 0.9 at the start), memory loss from epoch 2, lr_min 1% o
 This file also holds `set_hrnetv2w48`, the backbone/head changes shared by the HRNet configs.
 
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
-(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16
-train step with the memory loss at the batch of 16, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 18.19 of 30.75 GiB; 8xH100 (2
-per GPU): 10.71 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
-(`python scripts/aot_check.py --configs=ade20k_hrnetv2w48 --targets=v4-8 --steps=train_mem
---dtypes=bfloat16`). On v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit
-(14.77 GiB, `python scripts/aot_check.py --configs=ade20k_hrnetv2w48 --targets=v5e-8
---steps=train_mem --dtypes=bfloat16 --per_device_batch=4`): the batch of 16 is 2 per chip on a
-v5e-8, and `--config.train.batch_size=32` keeps the chips busier (the reference's lr and
-schedule are for 16). Most of that memory is the memory module's attention over the 128x128 map
-at 1/4.
+(parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
+step with the memory loss at the batch of 16, compiled for the chips without one
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 18.19 of 30.75 GiB; v5p-8 (4 per
+chip): 18.17 of 95.74 GiB; 8xH100 (2 per GPU): 10.71 of 70.78 GiB. It fits the smallest listed
+slice, a TPU v4-8 (`python scripts/aot_check.py --configs=ade20k_hrnetv2w48 --targets=v4-8
+--steps=train_mem --dtypes=bfloat16`). On v5e (15.75 GiB per chip) up to 4 images per chip were
+compiled and fit (14.77 GiB, `python scripts/aot_check.py --configs=ade20k_hrnetv2w48
+--targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=4`): the batch of 16 is 2 per
+chip on a v5e-8, and `--config.train.batch_size=32` keeps the chips busier (the reference's lr and
+schedule are for 16). Most of that memory is the memory module's attention over the 128x128 map at
+1/4.
 """
 
 import ml_collections

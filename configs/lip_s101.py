@@ -33,10 +33,10 @@ float32):
         --config.model.dtype=bfloat16
 
 Device memory of the bfloat16 train step at the batch of 40, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): TPU v4-8 (10 per chip): 26.64 of 30.75 GiB; v5p-8 (10
-per chip): 26.61 of 95.74 GiB; v5e-8 (5 per chip): 11.66 of 15.75 GiB. It fits the smallest
-listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=lip_s101 --targets=v4-8
---steps=train --dtypes=bfloat16`).
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (10 per chip): 26.64 of 30.75 GiB; v5p-8 (10 per
+chip): 26.61 of 95.74 GiB; v5e-8 (5 per chip): 11.66 of 15.75 GiB; 8xH100 (5 per GPU): 12.02 of
+70.78 GiB. It fits the smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py
+--configs=lip_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`).
 """
 
 from memseg_jax.config_validation import load_sibling_config
