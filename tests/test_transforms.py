@@ -1,5 +1,7 @@
 """Transforms: OpenCV/reference semantics, eager == tf.data, alignment, randomness statistics."""
 
+import sys
+
 import cv2
 import ml_collections
 import numpy as np
@@ -105,20 +107,21 @@ def test_rescale_size_matches_the_reference_formula(hw):
 
 
 # The TF backend's HSV->RGB (transforms.cv2_hsv2rgb with its default 64-pixel SIMD blocks: OpenCV
-# 5.1 on an AVX-512 CPU) against each OpenCV, measured on this project's machines (x86-64 with
-# AVX-512) with the images of the tests below. `block`: the SIMD block OpenCV used there (see
-# transforms.OPENCV_HSV_BLOCK); `hsv2rgb_max`, `hsv2rgb_frac`: the largest difference of one
-# HSV->RGB conversion and the fraction of pixels that differ; `photometric_max`,
-# `photometric_frac`: the same after the whole photometric distortion (up to two conversions,
-# then possibly a contrast stretch), over all draws of the test. A version not listed is held to
-# the newest one's bounds.
+# 5.1 on an AVX-512 CPU) against each OpenCV, by the SIMD block that OpenCV runs on the CPU at
+# hand (`opencv_hsv_block`, see transforms.OPENCV_HSV_BLOCK), measured with the images of the
+# tests below: 64-pixel blocks on x86-64 with AVX-512 (OpenCV 4.14 and 5.1), 32 with the 5.0
+# wheels and on CPUs without AVX-512 (OpenCV 5.1 on an AMD EPYC with AVX2 gave exactly 5.0's
+# figures: the difference follows the block, not the version). `hsv2rgb_max`, `hsv2rgb_frac`:
+# the largest difference of one HSV->RGB conversion and the fraction of pixels that differ;
+# `photometric_max`, `photometric_frac`: the same after the whole photometric distortion (up to
+# two conversions, then possibly a contrast stretch), over all draws of the test. A version not
+# listed is held to the newest one's bounds; a block not measured for the version fails.
+_EXACT = dict(hsv2rgb_max=0, hsv2rgb_frac=0.0, photometric_max=0, photometric_frac=0.0)
+_BLOCK_32 = dict(hsv2rgb_max=1, hsv2rgb_frac=0.245, photometric_max=3, photometric_frac=0.0872)
 HSV_BOUNDS = {
-    '4.14': dict(block=64, hsv2rgb_max=0, hsv2rgb_frac=0.0, photometric_max=0,
-                 photometric_frac=0.0),
-    '5.0': dict(block=32, hsv2rgb_max=1, hsv2rgb_frac=0.245, photometric_max=3,
-                photometric_frac=0.0872),
-    '5.1': dict(block=64, hsv2rgb_max=0, hsv2rgb_frac=0.0, photometric_max=0,
-                photometric_frac=0.0),
+    '4.14': {64: _EXACT},
+    '5.0': {32: _BLOCK_32},
+    '5.1': {64: _EXACT, 32: _BLOCK_32},
 }
 
 
@@ -142,24 +145,28 @@ def opencv_hsv_block() -> int:
 
 
 def check_hsv_bound(name: str, max_diff: float, frac: float):
-  """Fails, naming the OpenCV version, when a measured difference exceeds the table's bound."""
+  """Fails, naming the OpenCV version and its SIMD block, when a difference exceeds its bound."""
   version = cv2.__version__
   key = '.'.join(version.split('.')[:2])
   known = key in HSV_BOUNDS
   if not known:
     key = max(HSV_BOUNDS, key=lambda k: tuple(int(p) for p in k.split('.')))
-  bound = HSV_BOUNDS[key]
-  print(f'OpenCV {version}, {name}: largest difference {max_diff:g}, fraction differing '
-        f'{frac:.6f} (bound {bound[name + "_max"]}, {bound[name + "_frac"]})')
+  block = opencv_hsv_block()
+  if block not in HSV_BOUNDS[key]:
+    pytest.fail(f'OpenCV {version} runs {block}-pixel SIMD blocks here: no bound was measured for '
+                f'them (OpenCV {key}: {sorted(HSV_BOUNDS[key])}); see transforms.cv2_hsv2rgb.',
+                pytrace=False)
+  bound = HSV_BOUNDS[key][block]
+  print(f'OpenCV {version} ({block}-pixel blocks), {name}: largest difference {max_diff:g}, '
+        f'fraction differing {frac:.6f} (bound {bound[name + "_max"]}, {bound[name + "_frac"]})')
   if max_diff > bound[name + '_max'] or frac > bound[name + '_frac']:
     where = f'measured for OpenCV {key}' if known else (
         f'of the newest OpenCV measured ({key}); no bound was measured for {version}')
     pytest.fail(
         f'OpenCV {version}: the TF emulation of its 8-bit HSV->RGB ({name}) differs by up to '
         f'{max_diff:g} in a fraction {frac:.4f} of the values; the emulation\'s bound {where} '
-        f'(largest {bound[name + "_max"]}, fraction {bound[name + "_frac"]}) no longer holds. '
-        f'OpenCV runs {opencv_hsv_block()}-pixel SIMD blocks here (the bound was measured with '
-        f'{bound["block"]}); see transforms.cv2_hsv2rgb.', pytrace=False)
+        f'with {block}-pixel SIMD blocks (largest {bound[name + "_max"]}, fraction '
+        f'{bound[name + "_frac"]}) no longer holds; see transforms.cv2_hsv2rgb.', pytrace=False)
 
 
 def test_rgb2hsv_emulation_equals_opencv():
@@ -207,12 +214,18 @@ def test_an_opencv_with_another_rounding_fails_with_its_version(monkeypatch):
   changed = T.cv2_hsv2rgb(hsv, block=1).numpy()
   ours = T.cv2_hsv2rgb(hsv).numpy()
   monkeypatch.setattr(cv2, '__version__', '5.2.0')
+  # As on an AVX-512 CPU, whatever this one runs: the bound of 64-pixel blocks is exactness.
+  monkeypatch.setattr(sys.modules[__name__], 'opencv_hsv_block', lambda: 64)
   message = r'OpenCV 5\.2\.0: .* no bound was measured for 5\.2\.0 .* no longer holds'
   with pytest.raises(pytest.fail.Exception, match=message):
     check_hsv_bound('hsv2rgb', float(np.abs(ours - changed).max()),
                     float((ours != changed).any(-1).mean()))
   # Within the newest measured bound (5.1's: exact) an unlisted version passes.
   check_hsv_bound('hsv2rgb', 0.0, 0.0)
+  # A SIMD block no bound was measured for fails, naming it, even without a difference.
+  monkeypatch.setattr(sys.modules[__name__], 'opencv_hsv_block', lambda: 16)
+  with pytest.raises(pytest.fail.Exception, match=r'runs 16-pixel SIMD blocks here: no bound'):
+    check_hsv_bound('hsv2rgb', 0.0, 0.0)
 
 
 def _reference_photometric(image_rgb, p):

@@ -106,8 +106,11 @@ GRAD_FLOOR_FACTOR = 5
 # 1.3e-3 (stem.0) to 2e-2 (memory_module.bottleneck)), while the backbone's
 # own backward, from the reference's cotangent, agrees to ~1e-5. The end-to-end bound is
 # therefore looser; it still catches a real difference: without the read's post-update memory
-# (models/memory.py) the stem's gradient differed by 0.29 and decoder_stage1's by 1.2.
-GRAD_RTOL_END_TO_END = 1e-2
+# (models/memory.py) the stem's gradient differed by 0.29 and decoder_stage1's by 1.2. The
+# rounding, and with it this figure, depends on the CPU's SIMD width (torch's and XLA's kernels
+# sum in other orders): 0.9e-3 to 1.9e-3 on x86-64 with AVX-512, 6.7e-3 to 1.25e-2 on an AMD
+# EPYC with AVX2 only, where the backbone's own backward still agrees to 2e-5.
+GRAD_RTOL_END_TO_END = 2e-2
 # Full depth, end to end: 104 train-mode layers before the head; measured 4e-3 to 9e-3 for the
 # named backbone parameters and 2.5e-2 for auxiliary_decoder.0.weight (the auxiliary head's
 # train-mode BN over 4 images of 8x9 C4 features), while the backbone's own backward from the
