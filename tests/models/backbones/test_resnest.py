@@ -341,11 +341,15 @@ GRAD_FLOOR_FACTOR = 5
 
 @pytest.mark.slow
 @pytest.mark.parity
-@pytest.mark.xfail(strict=True, reason=(
-    'open: at batch 8 and 33x41 our gradients differ from the float64 reference by 4.7e-3 to '
-    '7.9e-3 on the named parameters (layer4.2.conv2.conv: 7.9e-3) where the float32 reference '
-    'stays within 1.4e-3 to 2.9e-3 (2.8e-6 on layer4.2.conv2.conv). The full-depth train '
-    'parity case of tests/models/test_resnest_parity.py holds them within 4.5e-4 of float64.'))
+# Not strict: whether it fails depends on the CPU's SIMD width (the float32 sums of torch and
+# XLA run in other orders). On an AMD EPYC with AVX2 only it passes: ours within 3.2e-4 to 4e-3
+# of the float64 gradients on the named parameters, the reference's float32 up to 6.1e-2 off.
+@pytest.mark.xfail(strict=False, reason=(
+    'open on x86-64 with AVX-512: at batch 8 and 33x41 our gradients differ from the float64 '
+    'reference by 4.7e-3 to 7.9e-3 on the named parameters (layer4.2.conv2.conv: 7.9e-3) where '
+    'the float32 reference stays within 1.4e-3 to 2.9e-3 (2.8e-6 on layer4.2.conv2.conv). The '
+    'full-depth train parity case of tests/models/test_resnest_parity.py holds them within '
+    '4.5e-4 of float64.'))
 def test_backbone_gradients_match_reference_s101_full_depth():
   """S-101 in train mode: 33 split attentions whose bn1 normalises 8 pooled values, 104 layers
   deep; the reference's own float32 gradients differ from its float64 ones by ~1e-3 (stem) to
