@@ -12,8 +12,8 @@ memory loss joins from epoch 2. Prepare the data first:
     python scripts/prepare_datasets.py --dataset=ade20k \
         --manual_dir=/data/ADEChallengeData2016 --data_dir=/data/tfds
 
-The ImageNet backbone: `python -m memseg_jax.convert --imagenet
---torch_checkpoint=resnet50_v1c.pth --config=configs/ade20k.py --output=/ckpt/resnet50_v1c_imagenet`
+The ImageNet backbone:
+`python -m memseg_jax.convert --imagenet --torch_checkpoint=resnet50_v1c.pth --config=configs/ade20k.py --output=/ckpt/resnet50_v1c_imagenet`
 (an open-mmlab `.pth` path also works directly). Every value is the reference's
 `mcibi_deeplabv3_resnet50os8_ade20k` (configs/default.py holds them).
 
@@ -25,15 +25,15 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnet50_v1c_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory of the bfloat16 train step with the memory loss at the batch of 16, compiled for
-the chips without one (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 5.83 of
-30.75 GiB; v5p-8 (4 per chip): 5.90 of 95.74 GiB; 8xH100 (2 per GPU): 3.90 of 70.78 GiB. It fits
-the smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=ade20k
---targets=v4-8 --steps=train_mem --dtypes=bfloat16`). On v5e (15.75 GiB per chip) up to 8 images
-per chip were compiled and fit (8.61 GiB, `python scripts/aot_check.py --configs=ade20k
---targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=8`): the batch of 16 is 2
-per chip on a v5e-8, and `--config.train.batch_size=64` keeps the chips busier (the reference's
-lr and schedule are for 16).
+Device memory of the bfloat16 train step with the memory loss at the batch of 16, compiled for the
+chips without one (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 5.83 of 30.75
+GiB; v5p-8 (4 per chip): 5.90 of 95.74 GiB; 8xH100 (2 per GPU): 3.90 of 70.78 GiB. It fits the
+smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=ade20k --targets=v4-8 --steps=train_mem --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) up to 8 images per chip were compiled and fit (8.61 GiB,
+`python scripts/aot_check.py --configs=ade20k --targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=8`):
+the batch of 16 is 2 per chip on a v5e-8, and `--config.train.batch_size=64` keeps the chips busier
+(the reference's lr and schedule are for 16).
 """
 
 from memseg_jax.config_validation import load_sibling_config

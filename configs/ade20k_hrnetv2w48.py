@@ -15,9 +15,9 @@ stride 341, scales 0.5-1.75, flip, softmax averaged). Convert and evaluate the r
         --workdir=/tmp/eval_hrnetv2w48_ade20k --config.data.data_dir=/data/tfds \
         --config.eval.checkpoint=/ckpt/mcibi_hrnetv2w48_ade20k_converted
 
-The ImageNet backbone (open-mmlab `hrnetv2_w48-d2186c55.pth`; its classification-head keys
-are ignored): `python -m memseg_jax.convert --imagenet --torch_checkpoint=hrnetv2_w48-d2186c55.pth
---config=configs/ade20k_hrnetv2w48.py --output=/ckpt/hrnetv2_w48_imagenet`.
+The ImageNet backbone (open-mmlab `hrnetv2_w48-d2186c55.pth`; its classification-head keys are
+ignored):
+`python -m memseg_jax.convert --imagenet --torch_checkpoint=hrnetv2_w48-d2186c55.pth --config=configs/ade20k_hrnetv2w48.py --output=/ckpt/hrnetv2_w48_imagenet`.
 
 Stem: `model.backbone.stem_relu=False` (the default here) is what the released HRNet MCIBI
 checkpoints need: they were trained by ssseg code without a ReLU after the stem's first BN.
@@ -33,13 +33,13 @@ On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the c
 step with the memory loss at the batch of 16, compiled for the chips without one
 (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 18.19 of 30.75 GiB; v5p-8 (4 per
 chip): 18.17 of 95.74 GiB; 8xH100 (2 per GPU): 10.71 of 70.78 GiB. It fits the smallest listed
-slice, a TPU v4-8 (`python scripts/aot_check.py --configs=ade20k_hrnetv2w48 --targets=v4-8
---steps=train_mem --dtypes=bfloat16`). On v5e (15.75 GiB per chip) up to 4 images per chip were
-compiled and fit (14.77 GiB, `python scripts/aot_check.py --configs=ade20k_hrnetv2w48
---targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=4`): the batch of 16 is 2 per
-chip on a v5e-8, and `--config.train.batch_size=32` keeps the chips busier (the reference's lr and
-schedule are for 16). Most of that memory is the memory module's attention over the 128x128 map at
-1/4.
+slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=ade20k_hrnetv2w48 --targets=v4-8 --steps=train_mem --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit (14.77 GiB,
+`python scripts/aot_check.py --configs=ade20k_hrnetv2w48 --targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=4`):
+the batch of 16 is 2 per chip on a v5e-8, and `--config.train.batch_size=32` keeps the chips busier
+(the reference's lr and schedule are for 16). Most of that memory is the memory module's attention
+over the 128x128 map at 1/4.
 """
 
 import ml_collections

@@ -18,12 +18,12 @@ float32):
 Device memory of the bfloat16 train step with the memory loss at the batch of 16, compiled for the
 chips without one (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 7.95 of 30.75
 GiB; v5p-8 (4 per chip): 8.06 of 95.74 GiB; 8xH100 (2 per GPU): 5.84 of 70.78 GiB. It fits the
-smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=ade20k_r101 --targets=v4-8
---steps=train_mem --dtypes=bfloat16`). On v5e (15.75 GiB per chip) up to 8 images per chip were
-compiled and fit (11.94 GiB, `python scripts/aot_check.py --configs=ade20k_r101 --targets=v5e-8
---steps=train_mem --dtypes=bfloat16 --per_device_batch=8`): the batch of 16 is 2 per chip on a
-v5e-8, and `--config.train.batch_size=64` keeps the chips busier (the reference's lr and schedule
-are for 16).
+smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=ade20k_r101 --targets=v4-8 --steps=train_mem --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) up to 8 images per chip were compiled and fit (11.94 GiB,
+`python scripts/aot_check.py --configs=ade20k_r101 --targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=8`):
+the batch of 16 is 2 per chip on a v5e-8, and `--config.train.batch_size=64` keeps the chips busier
+(the reference's lr and schedule are for 16).
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -18,11 +18,11 @@ Evaluate the released checkpoint (convert it once, then evaluate it):
         --workdir=/tmp/mcibi_s101_ade20k_eval --config.data.data_dir=/data/tfds \
         --config.eval.checkpoint=/ckpt/mcibi_s101_ade20k_converted
 
-(`--config=configs/ade20k_s101.py:ms_flip` for the multi-scale + flip number.) The ImageNet
-backbone for training: `python -m memseg_jax.convert --imagenet
---torch_checkpoint=resnest101_d2-f3b931b2.pth --config=configs/ade20k_s101.py
---output=/ckpt/resnest101_imagenet` (mmseg's `resnest101_d2`; its classifier `fc.*` is
-ignored, as the reference's strict=False load ignores it).
+(`--config=configs/ade20k_s101.py:ms_flip` for the multi-scale + flip number.) The ImageNet backbone
+for training:
+`python -m memseg_jax.convert --imagenet --torch_checkpoint=resnest101_d2-f3b931b2.pth --config=configs/ade20k_s101.py --output=/ckpt/resnest101_imagenet`
+(mmseg's `resnest101_d2`; its classifier `fc.*` is ignored, as the reference's strict=False load
+ignores it).
 
 On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
 float32):
@@ -32,15 +32,14 @@ float32):
         --config.model.backbone.pretrained=/ckpt/resnest101_imagenet \
         --config.model.dtype=bfloat16
 
-Device memory of the bfloat16 train step with the memory loss at the batch of 16, compiled for
-the chips without one (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 9.74 of
-30.75 GiB; 8xH100 (2 per GPU): 6.24 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
-(`python scripts/aot_check.py --configs=ade20k_s101 --targets=v4-8 --steps=train_mem
---dtypes=bfloat16`). On v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit
-(9.73 GiB, `python scripts/aot_check.py --configs=ade20k_s101 --targets=v5e-8 --steps=train_mem
---dtypes=bfloat16 --per_device_batch=4`): the batch of 16 is 2 per chip on a v5e-8, and
-`--config.train.batch_size=32` keeps the chips busier (the reference's lr and schedule are for
-16).
+Device memory of the bfloat16 train step with the memory loss at the batch of 16, compiled for the
+chips without one (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 9.74 of 30.75
+GiB; 8xH100 (2 per GPU): 6.24 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=ade20k_s101 --targets=v4-8 --steps=train_mem --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit (9.73 GiB,
+`python scripts/aot_check.py --configs=ade20k_s101 --targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=4`):
+the batch of 16 is 2 per chip on a v5e-8, and `--config.train.batch_size=32` keeps the chips busier
+(the reference's lr and schedule are for 16).
 """
 
 from memseg_jax.config_validation import load_sibling_config

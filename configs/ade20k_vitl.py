@@ -17,10 +17,10 @@ https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_mcibi/):
     python -m memseg_jax.main --mode=eval --config=configs/ade20k_vitl.py --workdir=/tmp/eval_vitl \
         --config.data.data_dir=/data/tfds --config.eval.checkpoint=/ckpt/mcibi_vitl_ade20k_flax
 
-The ImageNet backbone (timm `jx_vit_large_p16_384-b3be5167.pth`; its 24x24 position embedding
-is resized to 32x32 on conversion): `python -m memseg_jax.convert --imagenet
---torch_checkpoint=jx_vit_large_p16_384-b3be5167.pth --config=configs/ade20k_vitl.py
---output=/ckpt/vit_large_p16_384_imagenet` (the `.pth` path also works directly).
+The ImageNet backbone (timm `jx_vit_large_p16_384-b3be5167.pth`; its 24x24 position embedding is
+resized to 32x32 on conversion):
+`python -m memseg_jax.convert --imagenet --torch_checkpoint=jx_vit_large_p16_384-b3be5167.pth --config=configs/ade20k_vitl.py --output=/ckpt/vit_large_p16_384_imagenet`
+(the `.pth` path also works directly).
 
 Values: the reference's `mcibi_deeplabv3_vitlarge_ade20k` (spec wave2 sections 3 and 4): the
 ViT outputs after blocks 9/14/19/23 at stride 16, each through a LayerNorm; ASPP dilations
@@ -36,13 +36,13 @@ On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the c
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step with the memory loss at the batch of 16, compiled for the chips without one
 (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 13.98 of 30.75 GiB; v5p-8 (4 per
-chip): 14.05 of 95.74 GiB. It fits the smallest listed slice, a TPU v4-8 (`python
-scripts/aot_check.py --configs=ade20k_vitl --targets=v4-8 --steps=train_mem --dtypes=bfloat16`). On
-v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit (13.33 GiB, `python
-scripts/aot_check.py --configs=ade20k_vitl --targets=v5e-8 --steps=train_mem --dtypes=bfloat16
---per_device_batch=4`): the batch of 16 is 2 per chip on a v5e-8, and `--config.train.batch_size=32`
-keeps the chips busier (the reference's lr and schedule are for 16). Compiling for 8xH100 without a
-GPU needs XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (README, Hardware).
+chip): 14.05 of 95.74 GiB. It fits the smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=ade20k_vitl --targets=v4-8 --steps=train_mem --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit (13.33 GiB,
+`python scripts/aot_check.py --configs=ade20k_vitl --targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=4`):
+the batch of 16 is 2 per chip on a v5e-8, and `--config.train.batch_size=32` keeps the chips busier
+(the reference's lr and schedule are for 16). Compiling for 8xH100 without a GPU needs
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (README, Hardware).
 """
 
 import ml_collections

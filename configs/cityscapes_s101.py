@@ -23,9 +23,8 @@ the server):
         --workdir=/tmp/mcibi_s101_cityscapes_eval --config.data.data_dir=/data/tfds \
         --config.eval.checkpoint=/ckpt/mcibi_s101_cityscapes_converted
 
-The ImageNet backbone: `python -m memseg_jax.convert --imagenet
---torch_checkpoint=resnest101_d2-f3b931b2.pth --config=configs/cityscapes_s101.py
---output=/ckpt/resnest101_imagenet`.
+The ImageNet backbone:
+`python -m memseg_jax.convert --imagenet --torch_checkpoint=resnest101_d2-f3b931b2.pth --config=configs/cityscapes_s101.py --output=/ckpt/resnest101_imagenet`.
 
 On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
 float32):
@@ -37,11 +36,11 @@ float32):
 
 Device memory of the bfloat16 train step at the batch of 16, compiled for the chips without one
 (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 19.43 of 30.75 GiB; v5p-8 (4 per
-chip): 19.42 of 95.74 GiB. It fits the smallest listed slice, a TPU v4-8 (`python
-scripts/aot_check.py --configs=cityscapes_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`). On
-v5e (15.75 GiB per chip) use 2 images per chip or fewer: the v4-8 figure scaled by the batch (not
-compiled for v5e: `python scripts/aot_check.py --configs=cityscapes_s101 --targets=v5e-8
---steps=train --dtypes=bfloat16 --per_device_batch=2`).
+chip): 19.42 of 95.74 GiB. It fits the smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=cityscapes_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) use 2 images per chip or fewer: the v4-8 figure scaled by the batch (not
+compiled for v5e:
+`python scripts/aot_check.py --configs=cityscapes_s101 --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=2`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -20,10 +20,9 @@ Evaluate the released checkpoint (convert it once, then evaluate it):
         --workdir=/tmp/mcibi_s101_cocostuff10k_eval --config.data.data_dir=/data/tfds \
         --config.eval.checkpoint=/ckpt/mcibi_s101_cocostuff10k_converted
 
-(`--config=configs/cocostuff10k_s101.py:ms_flip` for the multi-scale + flip number.) The
-ImageNet backbone: `python -m memseg_jax.convert --imagenet
---torch_checkpoint=resnest101_d2-f3b931b2.pth --config=configs/cocostuff10k_s101.py
---output=/ckpt/resnest101_imagenet`.
+(`--config=configs/cocostuff10k_s101.py:ms_flip` for the multi-scale + flip number.) The ImageNet
+backbone:
+`python -m memseg_jax.convert --imagenet --torch_checkpoint=resnest101_d2-f3b931b2.pth --config=configs/cocostuff10k_s101.py --output=/ckpt/resnest101_imagenet`.
 
 On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
 float32):
@@ -35,11 +34,11 @@ float32):
 
 Device memory of the bfloat16 train step at the batch of 32, compiled for the chips without one
 (scripts/aot_check.py; README, Hardware): TPU v4-8 (8 per chip): 15.88 of 30.75 GiB. It fits the
-smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=cocostuff10k_s101
---targets=v4-8 --steps=train --dtypes=bfloat16`). On v5e (15.75 GiB per chip) use 4 images per
-chip or fewer: the v4-8 figure scaled by the batch (not compiled for v5e:
-`python scripts/aot_check.py --configs=cocostuff10k_s101 --targets=v5e-8 --steps=train
---dtypes=bfloat16 --per_device_batch=4`).
+smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=cocostuff10k_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) use 4 images per chip or fewer: the v4-8 figure scaled by the batch (not
+compiled for v5e:
+`python scripts/aot_check.py --configs=cocostuff10k_s101 --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=4`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

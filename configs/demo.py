@@ -22,10 +22,11 @@ of 8 with room to spare (a train step peaks at about 0.2 GiB per device), on v5e
 Device memory of the bfloat16 train step with the memory loss at the batch of 8, compiled for the
 chips without one (scripts/aot_check.py; README, Hardware): TPU v4-8 (2 per chip): 0.22 of 30.75
 GiB; v5p-8 (2 per chip): 0.19 of 95.74 GiB; 8xH100 (1 per GPU): 0.19 of 70.78 GiB. It fits the
-smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=demo --targets=v4-8
---steps=train_mem --dtypes=bfloat16`). On v5e (15.75 GiB per chip) use 8 images per chip or fewer:
-the v4-8 figure scaled by the batch (not compiled for v5e: `python scripts/aot_check.py
---configs=demo --targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=8`).
+smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=demo --targets=v4-8 --steps=train_mem --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) use 8 images per chip or fewer: the v4-8 figure scaled by the batch (not
+compiled for v5e:
+`python scripts/aot_check.py --configs=demo --targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=8`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

@@ -21,8 +21,7 @@ Evaluate the released checkpoint (convert it once, then evaluate it):
         --config.eval.checkpoint=/ckpt/mcibi_s101_lip_converted
 
 (`--config=configs/lip_s101.py:flip` for the flip number.) The ImageNet backbone:
-`python -m memseg_jax.convert --imagenet --torch_checkpoint=resnest101_d2-f3b931b2.pth
---config=configs/lip_s101.py --output=/ckpt/resnest101_imagenet`.
+`python -m memseg_jax.convert --imagenet --torch_checkpoint=resnest101_d2-f3b931b2.pth --config=configs/lip_s101.py --output=/ckpt/resnest101_imagenet`.
 
 On TPUs and GPUs train in bfloat16 (parameters, BatchNorm statistics and the memory stay
 float32):
@@ -35,8 +34,8 @@ float32):
 Device memory of the bfloat16 train step at the batch of 40, compiled for the chips without one
 (scripts/aot_check.py; README, Hardware): TPU v4-8 (10 per chip): 26.64 of 30.75 GiB; v5p-8 (10 per
 chip): 26.61 of 95.74 GiB; v5e-8 (5 per chip): 11.66 of 15.75 GiB; 8xH100 (5 per GPU): 12.02 of
-70.78 GiB. It fits the smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py
---configs=lip_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`).
+70.78 GiB. It fits the smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=lip_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

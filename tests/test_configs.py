@@ -124,6 +124,25 @@ def test_every_docstring_states_the_measured_device_memory_of_its_documented_bat
       checked += 1
   assert checked >= len(CONFIG_FILES) - 1
 
+
+def test_every_command_in_a_docstring_is_on_one_line_and_names_its_config():
+  """A command quoted inline (`python ...`) copies as it is: no line break inside the quotes.
+
+  The aot_check commands compile the config whose docstring quotes them.
+  """
+  commands = 0
+  for name in CONFIG_FILES:
+    with open(os.path.join(CONFIGS, name)) as f:
+      doc = f.read().split('"""')[1]
+    for quoted in re.findall(r'`([^`]*)`', doc):
+      if not quoted.startswith('python'):
+        continue
+      assert '\n' not in quoted, f'{name}: a command breaks across lines: {quoted!r}'
+      commands += 1
+      if 'scripts/aot_check.py' in quoted:
+        assert f' --configs={name[:-3]} ' in quoted, (name, quoted)
+  assert commands >= len(CONFIG_FILES)
+
 def _repeats_a_structure(name: str) -> bool:
   """Whether the config's model is another config's with only dataset values changed.
 

@@ -23,12 +23,11 @@ On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the c
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 16, compiled for the chips without one (scripts/aot_check.py; README,
 Hardware): TPU v4-8 (4 per chip): 5.63 of 30.75 GiB; v5p-8 (4 per chip): 5.71 of 95.74 GiB; 8xH100
-(2 per GPU): 3.73 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8 (`python
-scripts/aot_check.py --configs=mcibipp/deeplabv3_ade20k --targets=v4-8 --steps=train
---dtypes=bfloat16`). On v5e (15.75 GiB per chip) use 8 images per chip or fewer: the v4-8 figure
-scaled by the batch (not compiled for v5e: `python scripts/aot_check.py
---configs=mcibipp/deeplabv3_ade20k --targets=v5e-8 --steps=train --dtypes=bfloat16
---per_device_batch=8`).
+(2 per GPU): 3.73 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=mcibipp/deeplabv3_ade20k --targets=v4-8 --steps=train --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) use 8 images per chip or fewer: the v4-8 figure scaled by the batch (not
+compiled for v5e:
+`python scripts/aot_check.py --configs=mcibipp/deeplabv3_ade20k --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=8`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

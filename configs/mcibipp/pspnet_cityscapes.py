@@ -23,11 +23,11 @@ On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the c
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 8, compiled for the chips without one (scripts/aot_check.py; README, Hardware):
 TPU v4-8 (2 per chip): 5.63 of 30.75 GiB; 8xH100 (1 per GPU): 3.85 of 70.78 GiB. It fits the
-smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=mcibipp/pspnet_cityscapes
---targets=v4-8 --steps=train --dtypes=bfloat16`). On v5e (15.75 GiB per chip) use 4 images per chip
-or fewer: the v4-8 figure scaled by the batch (not compiled for v5e: `python scripts/aot_check.py
---configs=mcibipp/pspnet_cityscapes --targets=v5e-8 --steps=train --dtypes=bfloat16
---per_device_batch=4`).
+smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=mcibipp/pspnet_cityscapes --targets=v4-8 --steps=train --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) use 4 images per chip or fewer: the v4-8 figure scaled by the batch (not
+compiled for v5e:
+`python scripts/aot_check.py --configs=mcibipp/pspnet_cityscapes --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=4`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

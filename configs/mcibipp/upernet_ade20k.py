@@ -23,13 +23,13 @@ On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the c
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 16, compiled for the chips without one (scripts/aot_check.py; README,
 Hardware): TPU v4-8 (4 per chip): 6.69 of 30.75 GiB; v5p-8 (4 per chip): 6.60 of 95.74 GiB. It fits
-the smallest listed slice, a TPU v4-8 (`python scripts/aot_check.py --configs=mcibipp/upernet_ade20k
---targets=v4-8 --steps=train --dtypes=bfloat16`). On v5e (15.75 GiB per chip) up to 4 images per
-chip were compiled and fit (7.11 GiB, `python scripts/aot_check.py --configs=mcibipp/upernet_ade20k
---targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=4`): the batch of 16 is 2 per
-chip on a v5e-8, and `--config.train.batch_size=32` keeps the chips busier (the reference's lr and
-schedule are for 16). On 8xH100 (2 per GPU): 4.99 of 70.78 GiB, compiled without a GPU with
-XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (README, Hardware).
+the smallest listed slice, a TPU v4-8
+(`python scripts/aot_check.py --configs=mcibipp/upernet_ade20k --targets=v4-8 --steps=train --dtypes=bfloat16`).
+On v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit (7.11 GiB,
+`python scripts/aot_check.py --configs=mcibipp/upernet_ade20k --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=4`):
+the batch of 16 is 2 per chip on a v5e-8, and `--config.train.batch_size=32` keeps the chips busier
+(the reference's lr and schedule are for 16). On 8xH100 (2 per GPU): 4.99 of 70.78 GiB, compiled
+without a GPU with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (README, Hardware).
 """
 
 from memseg_jax.config_validation import load_sibling_config
