@@ -33,8 +33,8 @@ float32):
         --config.model.dtype=bfloat16
 
 Device memory of the bfloat16 train step at the batch of 32, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): TPU v4-8 (8 per chip): 15.88 of 30.75 GiB. It fits the
-smallest listed slice, a TPU v4-8
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (8 per chip): 15.88 of 30.75 GiB; 8xH100 (4 per
+GPU): 11.22 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=cocostuff10k_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`).
 On v5e (15.75 GiB per chip) use 4 images per chip or fewer: the v4-8 figure scaled by the batch (not
 compiled for v5e:

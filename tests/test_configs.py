@@ -84,8 +84,8 @@ def test_every_docstring_states_the_measured_device_memory_of_its_documented_bat
   """The figures in each docstring are rows of README's Hardware table, at the config's batch.
 
   Each config's docstring gives the device memory of its bfloat16 train step (with the memory
-  loss where the config has it) at its documented global batch on every target compiled, the
-  v4-8 (the smallest listed slice) first. Checked against the config itself (batch, memory loss)
+  loss where the config has it) at its documented global batch on every target compiled (every
+  fitting README row of that step and batch), the v4-8 (the smallest listed slice) first. Checked against the config itself (batch, memory loss)
   and the aot_check table in the README, so that neither drifts from the other.
   """
   readme = os.path.join(os.path.dirname(CONFIGS), 'README.md')
@@ -112,6 +112,13 @@ def test_every_docstring_states_the_measured_device_memory_of_its_documented_bat
     step = 'train_mem' if memory_loss else 'train'
     items = m.group(3).split('; ')
     assert item.fullmatch(items[0]) and items[0].startswith('TPU v4-8'), (name, items[0])
+    # Every target the README has a fitting row for at this step and batch is in the list.
+    compiled = {line.split(' | ')[0][2:] for line in table
+                if line.split(' | ')[1:3] == [name[:-3], step]
+                and line.split(' | ')[4].endswith(f'({batch})')
+                and line.split(' | ')[6][:1].isdigit()}
+    listed = {item.fullmatch(text).group(1) for text in items}
+    assert compiled <= listed, f'{name}: README rows for {sorted(compiled - listed)} not listed'
     for text in items:
       target, per_device, peak, capacity = item.fullmatch(text).groups()
       chips, cap = targets[target].chips, f'{targets[target].capacity_gib:.2f}'
