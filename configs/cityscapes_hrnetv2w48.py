@@ -30,12 +30,9 @@ base_lr 0.009 (momentum ~1.0 at the start), no memory loss, no auxiliary head, a
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 16, compiled for the chips without one (scripts/aot_check.py; README,
-Hardware): TPU v4-8 (4 per chip): 15.68 of 30.75 GiB; 8xH100 (2 per GPU): 8.60 of 70.78 GiB. It fits
-the smallest listed slice, a TPU v4-8
+Hardware): TPU v4-8 (4 per chip): 15.68 of 30.75 GiB; v5e-8 (2 per chip): 7.82 of 15.75 GiB; 8xH100
+(2 per GPU): 8.60 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=cityscapes_hrnetv2w48 --targets=v4-8 --steps=train --dtypes=bfloat16`).
-On v5e (15.75 GiB per chip) use 2 images per chip or fewer: the v4-8 figure scaled by the batch (not
-compiled for v5e:
-`python scripts/aot_check.py --configs=cityscapes_hrnetv2w48 --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=2`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

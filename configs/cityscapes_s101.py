@@ -36,12 +36,9 @@ float32):
 
 Device memory of the bfloat16 train step at the batch of 16, compiled for the chips without one
 (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 19.43 of 30.75 GiB; v5p-8 (4 per
-chip): 19.42 of 95.74 GiB; 8xH100 (2 per GPU): 11.89 of 70.78 GiB. It fits the smallest listed
-slice, a TPU v4-8
+chip): 19.42 of 95.74 GiB; v5e-8 (2 per chip): 10.16 of 15.75 GiB; 8xH100 (2 per GPU): 11.89 of
+70.78 GiB. It fits the smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=cityscapes_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`).
-On v5e (15.75 GiB per chip) use 2 images per chip or fewer: the v4-8 figure scaled by the batch (not
-compiled for v5e:
-`python scripts/aot_check.py --configs=cityscapes_s101 --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=2`).
 """
 
 from memseg_jax.config_validation import load_sibling_config

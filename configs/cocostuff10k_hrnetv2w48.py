@@ -26,12 +26,10 @@ head, the head at 1/4 on the 720-channel output. The data pipeline is configs/co
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 16, compiled for the chips without one (scripts/aot_check.py; README,
-Hardware): TPU v4-8 (4 per chip): 18.07 of 30.75 GiB; v5p-8 (4 per chip): 18.06 of 95.74 GiB; 8xH100
-(2 per GPU): 10.89 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
+Hardware): TPU v4-8 (4 per chip): 18.07 of 30.75 GiB; v5p-8 (4 per chip): 18.06 of 95.74 GiB; v5e-8
+(2 per chip): 9.22 of 15.75 GiB; 8xH100 (2 per GPU): 10.89 of 70.78 GiB. It fits the smallest listed
+slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=cocostuff10k_hrnetv2w48 --targets=v4-8 --steps=train --dtypes=bfloat16`).
-On v5e (15.75 GiB per chip) use 2 images per chip or fewer: the v4-8 figure scaled by the batch (not
-compiled for v5e:
-`python scripts/aot_check.py --configs=cocostuff10k_hrnetv2w48 --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=2`).
 """
 
 from memseg_jax.config_validation import load_sibling_config
