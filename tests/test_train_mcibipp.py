@@ -39,6 +39,13 @@ def tiny_config(num_classes=5):
   return config
 
 
+# The layers after the last ReLU (their gradients see no ReLU decision) and the tolerance for
+# the others (see the test).
+LAST_LAYERS = ("['decoder_pr']['conv2']", "['auxiliary_decoder']['classifier']",
+               "['decoder_cls']['conv2']")
+FLIP_RTOL = 1e-1
+
+
 @pytest.mark.slow
 def test_one_sharded_step_matches_single_device_batch_and_per_shard_memory_mean():
   assert jax.device_count() == NUM_DEVICES
@@ -78,8 +85,19 @@ def test_one_sharded_step_matches_single_device_batch_and_per_shard_memory_mean(
 
   grads = new_state.opt_state[1][0].trace     # the first SGD momentum buffer is the gradient
   flat_ref = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(ref_grads))[0])
+  # The classifiers' gradients to 2e-4. Everything upstream of a ReLU to FLIP_RTOL: the 8-device
+  # step sums in float32 in another order than one device (SyncBN's pmean of shard means), and a
+  # pre-activation within rounding of a ReLU's threshold can fall on the other side. On an AMD
+  # EPYC with AVX2 only that happens (BN biases' gradients off where the scales' agree to 1e-6,
+  # as a flip at x_hat = 0 gives) and moves the upstream gradients by up to 3.9e-2; with AVX-512
+  # it did not. A step without the gradient pmean or the SyncBN is off by O(1).
+  strict = 0
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    _leaf_close(g, flat_ref[path], f'grad {jax.tree_util.keystr(path)}')
+    name = jax.tree_util.keystr(path)
+    last = any(k in name for k in LAST_LAYERS)
+    strict += last
+    _leaf_close(g, flat_ref[path], f'grad {name}', 2e-4 if last else FLIP_RTOL)
+  assert strict >= 6
   flat_bn = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(ref_vars['batch_stats']))[0])
   for path, v in jax.tree_util.tree_flatten_with_path(new_state.batch_stats)[0]:
     _leaf_close(v, flat_bn[path], f'batch_stats {jax.tree_util.keystr(path)}')
