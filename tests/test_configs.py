@@ -85,12 +85,14 @@ def test_every_docstring_states_the_measured_device_memory_of_its_documented_bat
 
   Each config's docstring gives the device memory of its bfloat16 train step (with the memory
   loss where the config has it) at its documented global batch on every target compiled (every
-  fitting README row of that step and batch), the v4-8 (the smallest listed slice) first. Checked against the config itself (batch, memory loss)
-  and the aot_check table in the README, so that neither drifts from the other.
+  fitting README row of that step and batch), the v4-8 (the smallest listed slice) first.
+  Checked against the config itself (batch, memory loss) and the aot_check table in the README,
+  so that neither drifts from the other.
   """
   readme = os.path.join(os.path.dirname(CONFIGS), 'README.md')
   with open(readme) as f:
     table = [line for line in f if line.startswith('| ') and '| bfloat16 |' in line]
+  table_cells = [line.split(' | ') for line in table]
   item = re.compile(r'(?:TPU )?(v4-8|v5p-8|v5e-8|8xH100) \((\d+) per (?:chip|GPU)\): '
                     r'(\d+\.\d\d) of (\d+\.\d\d) GiB')
   targets = _aot_targets()
@@ -113,10 +115,9 @@ def test_every_docstring_states_the_measured_device_memory_of_its_documented_bat
     items = m.group(3).split('; ')
     assert item.fullmatch(items[0]) and items[0].startswith('TPU v4-8'), (name, items[0])
     # Every target the README has a fitting row for at this step and batch is in the list.
-    compiled = {line.split(' | ')[0][2:] for line in table
-                if line.split(' | ')[1:3] == [name[:-3], step]
-                and line.split(' | ')[4].endswith(f'({batch})')
-                and line.split(' | ')[6][:1].isdigit()}
+    compiled = {cells[0][2:] for cells in table_cells
+                if cells[1:3] == [name[:-3], step] and cells[4].endswith(f'({batch})')
+                and cells[6][:1].isdigit()}
     listed = {item.fullmatch(text).group(1) for text in items}
     assert compiled <= listed, f'{name}: README rows for {sorted(compiled - listed)} not listed'
     for text in items:
