@@ -111,6 +111,14 @@ def test_the_readme_and_ci_install_the_ci_extra_with_the_constraints():
   assert command in _read('.ci/run')
 
 
+def test_ci_runs_the_readme_test_command():
+  setup = next(line for line in _read('README.md').splitlines()
+               if "-e '.[ci]'" in line and 'pytest' in line)
+  command = setup[setup.index('python -m pytest'):].strip()
+  assert command.startswith('python -m pytest -q -m "not slow"'), command
+  assert command in _read('.ci/run'), command
+
+
 def test_the_check_fails_on_a_mismatch():
   pyproject, constraints = _read('pyproject.toml'), _read('constraints.txt')
   assert 'flax==0.12.8' in pyproject and 'flax==0.12.8' in constraints

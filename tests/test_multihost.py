@@ -24,6 +24,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import tiny_run_config  # pylint: disable=wrong-import-position
 
+# Its processes rendezvous under timeouts; CI runs it alone (the `serial` marker, .ci/run).
+pytestmark = pytest.mark.serial
+
 STEPS = 1
 LR = 1e-3
 # The sums over the 4 devices run in another grouping (2 x 2 through gloo vs 4 in one process):

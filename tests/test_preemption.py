@@ -36,6 +36,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import tiny_run_config  # pylint: disable=wrong-import-position
 
+# Its processes rendezvous under timeouts; CI runs it alone (the `serial` marker, .ci/run).
+pytestmark = pytest.mark.serial
+
 STEPS = 16
 
 
