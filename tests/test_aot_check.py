@@ -255,6 +255,7 @@ print(json.dumps({'with': with_barrier, 'without': without_barrier, 'elements': 
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bfloat16_batchnorm_keeps_a_bfloat16_residual_in_the_tpu_program():
   """The compiled TPU program keeps each BatchNorm input for the backward pass in bfloat16.
 
@@ -313,6 +314,7 @@ def analytic_train_flops(config, per_device_batch: int, memory_loss: bool) -> fl
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_and_ade20k_fit_v5e_and_h100_with_native_convolutions_and_expected_flops(tmp_path):
   """aot_check as a user runs it: the train step with the memory loss, bfloat16."""
   _needs_aot_extra()

@@ -172,6 +172,7 @@ STEP_CASES = [pytest.param(n, marks=pytest.mark.exhaustive) if _repeats_a_struct
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize('name', STEP_CASES)
 def test_one_train_step_of_every_config(name):
   config = load_config(os.path.join(CONFIGS, name))
