@@ -1,6 +1,11 @@
-"""Test-wide setup: 8 virtual CPU devices for anything distributed, accelerators hidden from TF."""
+"""Test-wide setup: 8 virtual CPU devices for anything distributed, accelerators hidden from TF,
+compiled programs freed as tests end."""
 
+import gc
 import os
+import sys
+
+import pytest
 
 # Must happen before jax is imported anywhere in the test session.
 _flags = os.environ.get('XLA_FLAGS', '')
@@ -8,11 +13,6 @@ if '--xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
-import gc
-import sys
-
-import pytest
 
 
 def _release_compiled_programs():

@@ -160,8 +160,8 @@ def _repeats_a_structure(name: str) -> bool:
   in: its `downsample_backbone` is a structure of its own. The R-101 config is configs/ade20k.py
   with a deeper backbone, and this test runs it at depth 50 (SMALLER_BACKBONE): the same model.
   """
-  if SMALLER_BACKBONE.get(name) == 50 and name == 'ade20k_r101.py':
-    return True
+  if name == 'ade20k_r101.py':
+    return SMALLER_BACKBONE[name] == 50
   base = os.path.basename(name)
   if base.startswith('ade20k') or base.endswith('_ade20k.py') or name == 'cityscapes_hrnetv2w48.py':
     return False
