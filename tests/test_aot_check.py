@@ -255,6 +255,7 @@ print(json.dumps({'with': with_barrier, 'without': without_barrier, 'elements': 
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bfloat16_batchnorm_keeps_a_bfloat16_residual_in_the_tpu_program():
   """The compiled TPU program keeps each BatchNorm input for the backward pass in bfloat16.
 
@@ -313,9 +314,7 @@ def analytic_train_flops(config, per_device_batch: int, memory_loss: bool) -> fl
 
 
 @pytest.mark.slow
-# Not `heavy`: its one process compiles on one core and peaks at 9.3 GiB (the v5e-8 ADE20K
-# compile, /usr/bin/time -v), so CI runs it on a worker beside the light tests and the other
-# core does their work meanwhile. Two heavy tests could not share the machine with it.
+@pytest.mark.heavy
 def test_demo_and_ade20k_fit_v5e_and_h100_with_native_convolutions_and_expected_flops(tmp_path):
   """aot_check as a user runs it: the train step with the memory loss, bfloat16."""
   _needs_aot_extra()
