@@ -86,7 +86,6 @@ def test_eval_logits_match_reference(arch, height, width, downsample_stride):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_eval_logits_match_reference_full_w48_lip_size():
   """The full HRNetV2p-W48 with the LIP configs' stride-2 head at a 473x473 crop (branch sizes
   119, 60, 30, 15: every fuse upsampling overshoots and is resized down)."""

@@ -328,7 +328,6 @@ def test_train_losses_bn_stats_memory_and_gradients_match_reference_reduced_dept
 # backward from the reference's cotangent puts layer4.2.conv3.weight 1.7e-2 from the float64
 # gradient where the reference's float32 is 5e-6 from it (the same layer4.2 weights as the open
 # case of tests/models/backbones/test_resnest.py, which passes on that CPU instead).
-@pytest.mark.heavy
 @pytest.mark.xfail(strict=False, reason=(
     'open without AVX-512: layer4.2.conv3.weight gradient 1.7e-2 from float64 (reference 5e-6)'))
 def test_train_losses_bn_stats_memory_and_gradients_match_reference_s101_full_depth():

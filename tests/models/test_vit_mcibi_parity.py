@@ -227,7 +227,6 @@ def test_parameter_count_matches_reference_vit_large():
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_eval_logits_match_reference_vit_large():
   """The full ViT-L/16 (24 blocks, 1024 channels) at 512x512 (~2-3 min on 2 CPU cores)."""
   ref, ours, config = _eval_logits(512, 512, seed=5)
