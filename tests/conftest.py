@@ -4,30 +4,44 @@ optimizer off), accelerators hidden from TF, compiled programs freed as tests en
 import ctypes
 import gc
 import os
-import re
 import sys
 
 import pytest
 
 # Must happen before jax is imported anywhere in the test session.
 _flags = os.environ.get('XLA_FLAGS', '')
-# The tests compile with LLVM's optimizer off. XLA's own passes (fusion, layouts, algebraic
-# simplification) run as always, so a test runs the same HLO program as a user's run, in machine
-# code that is slower to run and much quicker to build; at the tests' tiny shapes compiling is
-# most of the time (the ADE20K config's train step and the resume test: 139 s against 206 s at
-# XLA's default level). A level set in XLA_FLAGS is kept:
-# `XLA_FLAGS=--xla_backend_optimization_level=3 python -m pytest ...` tests with XLA's default.
-if '--xla_backend_optimization_level' not in _flags:
-  _flags += ' --xla_backend_optimization_level=0'
-# The training processes tests start (tests/test_preemption.py, tests/test_multihost.py) compile
-# the same way, with their own device count.
-os.environ['MEMSEG_TEST_XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
-                                             _flags).strip()
 if '--xla_force_host_platform_device_count' not in _flags:
   _flags += ' --xla_force_host_platform_device_count=8'
 os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Quick compiles: JAX's jax_disable_most_optimizations (LLVM at level 0 without its expensive
+# passes; XLA's HLO passes, fusion and layouts included, run as always). At the tests' tiny
+# shapes compiling is most of the time: the ADE20K config's train step with the resume test took
+# 151 s against 204 s. The machine code differs, and with it the order of some float sums, so
+# the parity tests, whose tolerances are those of a user's run, compile with XLA's defaults
+# (`pytest_runtest_setup` below). Processes the tests start inherit the setting through the
+# environment; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs every test with XLA's defaults.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+_QUICK_COMPILES = os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower() in ('1', 'true', 't',
+                                                                          'yes', 'y', 'on')
+_compiles_quick_now = [_QUICK_COMPILES]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  """A parity test (and the fixtures it sets up) compiles with XLA's default optimization.
+
+  At level 0 the MCIBI++ PSPNet gradients landed 1.1e-2 from the float64 reference, against
+  5.1e-3 at XLA's default on the same AVX2 machine, past the test's 1e-2 floor: the test's
+  bounds are for the code a user's run gets.
+  """
+  quick = _QUICK_COMPILES and item.get_closest_marker('parity') is None
+  if quick != _compiles_quick_now[0]:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update('jax_disable_most_optimizations', quick)
+    jax.clear_caches()          # the setting is not part of jit's cache key
+    _compiles_quick_now[0] = quick
 
 
 try:  # glibc: hands the freed heap pages back to the system (not on macOS)

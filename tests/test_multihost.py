@@ -86,9 +86,8 @@ def _free_port() -> int:
 
 def _env(devices: int):
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-             + env.get('MEMSEG_TEST_XLA_FLAGS', ''), JAX_PLATFORMS='cpu',
-             MEMSEG_COMPILATION_CACHE='0', TF_CPP_MIN_LOG_LEVEL='2')
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', MEMSEG_COMPILATION_CACHE='0', TF_CPP_MIN_LOG_LEVEL='2')
   for name in ('MEMSEG_DISTRIBUTED', 'MEMSEG_COORDINATOR_ADDRESS', 'MEMSEG_NUM_PROCESSES',
                'MEMSEG_PROCESS_ID'):
     env.pop(name, None)

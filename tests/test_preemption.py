@@ -51,8 +51,7 @@ def data_dir(tmp_path_factory):
 
 def _env(cache_dir):
   env = dict(os.environ)
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-             + env.get('MEMSEG_TEST_XLA_FLAGS', ''), JAX_PLATFORMS='cpu',
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
              MEMSEG_COMPILATION_CACHE=str(cache_dir), TF_CPP_MIN_LOG_LEVEL='2')
   for name in ('MEMSEG_DISTRIBUTED', 'MEMSEG_COORDINATOR_ADDRESS', 'MEMSEG_NUM_PROCESSES',
                'MEMSEG_PROCESS_ID'):
