@@ -172,9 +172,9 @@ def _repeats_a_structure(name: str) -> bool:
 # The step runs on 2 of the session's 8 virtual devices. It is the sharded step all the same (the
 # state replicated, the batch split over 'data', the memory and BatchNorm statistics reduced
 # across it), but each device holds a copy of the replicated state (parameters and momentum:
-# 0.73 GB for the R-50 configs): on 8 devices the ADE20K step's process peaked at 11 GiB, on 2
-# at under 4 GiB, so these tests can run beside others. Device-count independence of the step
-# is tests/test_train.py's (8 devices against one).
+# 0.73 GB for the R-50 configs): the ADE20K step's test process peaked at 10.7 GiB on 8 devices,
+# 4.1 GiB on 2 (`/usr/bin/time`), so these tests can run beside others. That the step does not
+# depend on the device count is tests/test_train.py's (8 devices against one).
 STEP_DEVICES = 2
 
 # CI runs `-m "slow and not exhaustive"` (its time limit); `-m exhaustive` runs the rest.
