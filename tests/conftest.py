@@ -4,15 +4,13 @@ optimizer off), accelerators hidden from TF, compiled programs freed as tests en
 import ctypes
 import gc
 import os
-import sys
 
 import pytest
 
 # Must happen before jax is imported anywhere in the test session.
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
-  _flags += ' --xla_force_host_platform_device_count=8'
-os.environ['XLA_FLAGS'] = _flags.strip()
+  os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Quick compiles: JAX's jax_disable_most_optimizations (LLVM at level 0 without its expensive
@@ -23,9 +21,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # (`pytest_runtest_setup` below). Processes the tests start inherit the setting through the
 # environment; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs every test with XLA's defaults.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
-_QUICK_COMPILES = os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower() in ('1', 'true', 't',
-                                                                          'yes', 'y', 'on')
-_compiles_quick_now = [_QUICK_COMPILES]
+
+import jax  # pylint: disable=wrong-import-position  (after the environment above)
+
+_QUICK = 'jax_disable_most_optimizations'
+_QUICK_COMPILES = jax.config.values[_QUICK]       # as JAX read it from the environment
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -37,11 +37,9 @@ def pytest_runtest_setup(item):
   bounds are for the code a user's run gets.
   """
   quick = _QUICK_COMPILES and item.get_closest_marker('parity') is None
-  if quick != _compiles_quick_now[0]:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update('jax_disable_most_optimizations', quick)
+  if quick != jax.config.values[_QUICK]:
+    jax.config.update(_QUICK, quick)
     jax.clear_caches()          # the setting is not part of jit's cache key
-    _compiles_quick_now[0] = quick
 
 
 try:  # glibc: hands the freed heap pages back to the system (not on macOS)
@@ -51,8 +49,7 @@ except (OSError, AttributeError):
 
 
 def _release_compiled_programs():
-  if 'jax' in sys.modules:
-    sys.modules['jax'].clear_caches()
+  jax.clear_caches()
   gc.collect()
   # Without it the process keeps the freed memory: after configs/ade20k.py's train step on 8
   # devices (an 11 GiB peak) 2.7 GiB stayed resident, 0.6 GiB once trimmed.
