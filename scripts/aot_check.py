@@ -557,6 +557,13 @@ def set_environment():
                ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
     os.environ.setdefault(k, v)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # The test suite's quick compiles (tests/conftest.py) would give peaks and FLOPs of programs
+  # XLA barely optimised, under the same cache key as the real ones: a process started with the
+  # switch set compiles at XLA's default level all the same. (Once jax is imported the switch
+  # has been read; a caller in the same process keeps its own setting.)
+  if 'jax' not in sys.modules and os.environ.pop('JAX_DISABLE_MOST_OPTIMIZATIONS', None):
+    print("aot_check: JAX_DISABLE_MOST_OPTIMIZATIONS ignored: the programs are built at XLA's "
+          'default optimization level', file=sys.stderr)
 
 
 def main(argv=None) -> int:

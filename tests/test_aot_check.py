@@ -95,6 +95,27 @@ def test_the_cache_key_ignores_comments_and_docstrings_but_not_code():
   assert aot._code_digest('def f(x):\n  return x.astype(jnp.bfloat16) + 1\n') != base
 
 
+def test_the_quick_compile_switch_of_the_tests_is_dropped_before_jax_starts(monkeypatch):
+  # conftest sets JAX_DISABLE_MOST_OPTIMIZATIONS for the test suite; an aot_check started from
+  # such a shell must still compile (and cache) the programs a chip would run.
+  script = ('import os, sys; sys.path.insert(0, sys.argv[1]); aot = __import__("aot_check"); '
+            'aot.set_environment(); import jax; '
+            'print(os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS"), '
+            'jax.config.values["jax_disable_most_optimizations"])')
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  proc = subprocess.run([sys.executable, '-c', script, os.path.join(REPO, 'scripts')],
+                        capture_output=True, text=True, env=env, timeout=300, check=True)
+  assert proc.stdout.split() == ['None', 'False']
+  assert 'JAX_DISABLE_MOST_OPTIMIZATIONS ignored' in proc.stderr
+  # With jax already started (a caller in this process) the switch is left to the caller.
+  for k in ('TPU_SKIP_MDS_QUERY', 'TPU_ACCELERATOR_TYPE', 'TPU_WORKER_ID', 'TPU_WORKER_HOSTNAMES',
+            'ALLOW_MULTIPLE_LIBTPU_LOAD'):
+    monkeypatch.delenv(k, raising=False)     # set_environment's, taken back after the test
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+  _aot_module().set_environment()
+  assert os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] == '1'
+
+
 def test_cached_only_prints_the_cached_rows_and_lists_the_rest_without_compiling(
     tmp_path, capsys, monkeypatch):
   aot = _aot_module()
