@@ -34,7 +34,8 @@ float32):
 
 Device memory of the bfloat16 train step with the memory loss at the batch of 16, compiled for the
 chips without one (scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 9.74 of 30.75
-GiB; 8xH100 (2 per GPU): 6.24 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
+GiB; v5p-8 (4 per chip): 9.77 of 95.74 GiB; 8xH100 (2 per GPU): 6.24 of 70.78 GiB. It fits the
+smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=ade20k_s101 --targets=v4-8 --steps=train_mem --dtypes=bfloat16`).
 On v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit (9.73 GiB,
 `python scripts/aot_check.py --configs=ade20k_s101 --targets=v5e-8 --steps=train_mem --dtypes=bfloat16 --per_device_batch=4`):

@@ -21,9 +21,9 @@ float32):
         --config.model.dtype=bfloat16
 
 Device memory of the bfloat16 train step at the batch of 16, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 11.86 of 30.75 GiB; v5e-8 (2 per
-chip): 6.19 of 15.75 GiB; 8xH100 (2 per GPU): 7.43 of 70.78 GiB. It fits the smallest listed slice,
-a TPU v4-8
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 11.86 of 30.75 GiB; v5p-8 (4 per
+chip): 11.89 of 95.74 GiB; v5e-8 (2 per chip): 6.19 of 15.75 GiB; 8xH100 (2 per GPU): 7.43 of 70.78
+GiB. It fits the smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=cityscapes --targets=v4-8 --steps=train --dtypes=bfloat16`).
 """
 

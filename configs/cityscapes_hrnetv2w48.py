@@ -30,8 +30,9 @@ base_lr 0.009 (momentum ~1.0 at the start), no memory loss, no auxiliary head, a
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 16, compiled for the chips without one (scripts/aot_check.py; README,
-Hardware): TPU v4-8 (4 per chip): 15.68 of 30.75 GiB; v5e-8 (2 per chip): 7.82 of 15.75 GiB; 8xH100
-(2 per GPU): 8.60 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
+Hardware): TPU v4-8 (4 per chip): 15.68 of 30.75 GiB; v5p-8 (4 per chip): 15.68 of 95.74 GiB; v5e-8
+(2 per chip): 7.82 of 15.75 GiB; 8xH100 (2 per GPU): 8.60 of 70.78 GiB. It fits the smallest listed
+slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=cityscapes_hrnetv2w48 --targets=v4-8 --steps=train --dtypes=bfloat16`).
 """
 

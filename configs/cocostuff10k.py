@@ -20,8 +20,9 @@ float32):
         --config.model.dtype=bfloat16
 
 Device memory of the bfloat16 train step at the batch of 16, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 5.83 of 30.75 GiB; 8xH100 (2 per
-GPU): 3.97 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (4 per chip): 5.83 of 30.75 GiB; v5p-8 (4 per
+chip): 5.87 of 95.74 GiB; 8xH100 (2 per GPU): 3.97 of 70.78 GiB. It fits the smallest listed slice,
+a TPU v4-8
 (`python scripts/aot_check.py --configs=cocostuff10k --targets=v4-8 --steps=train --dtypes=bfloat16`).
 On v5e (15.75 GiB per chip) up to 8 images per chip were compiled and fit (8.61 GiB,
 `python scripts/aot_check.py --configs=cocostuff10k --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=8`):

@@ -33,9 +33,9 @@ float32):
         --config.model.dtype=bfloat16
 
 Device memory of the bfloat16 train step at the batch of 32, compiled for the chips without one
-(scripts/aot_check.py; README, Hardware): TPU v4-8 (8 per chip): 15.88 of 30.75 GiB; v5e-8 (4 per
-chip): 9.74 of 15.75 GiB; 8xH100 (4 per GPU): 11.22 of 70.78 GiB. It fits the smallest listed slice,
-a TPU v4-8
+(scripts/aot_check.py; README, Hardware): TPU v4-8 (8 per chip): 15.88 of 30.75 GiB; v5p-8 (8 per
+chip): 15.87 of 95.74 GiB; v5e-8 (4 per chip): 9.74 of 15.75 GiB; 8xH100 (4 per GPU): 11.22 of 70.78
+GiB. It fits the smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=cocostuff10k_s101 --targets=v4-8 --steps=train --dtypes=bfloat16`).
 """
 

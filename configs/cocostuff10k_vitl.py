@@ -25,8 +25,8 @@ Everything else as configs/ade20k_vitl.py (the ImageNet conversion command is th
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 16, compiled for the chips without one (scripts/aot_check.py; README,
-Hardware): TPU v4-8 (4 per chip): 14.14 of 30.75 GiB; v5e-8 (2 per chip): 8.19 of 15.75 GiB. It fits
-the smallest listed slice, a TPU v4-8
+Hardware): TPU v4-8 (4 per chip): 14.14 of 30.75 GiB; v5p-8 (4 per chip): 14.18 of 95.74 GiB; v5e-8
+(2 per chip): 8.19 of 15.75 GiB. It fits the smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=cocostuff10k_vitl --targets=v4-8 --steps=train --dtypes=bfloat16`).
 Compiling for 8xH100 without a GPU needs XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (README,
 Hardware).

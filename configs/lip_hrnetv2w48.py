@@ -27,8 +27,9 @@ The data pipeline is configs/lip.py's.
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 40, compiled for the chips without one (scripts/aot_check.py; README,
-Hardware): TPU v4-8 (10 per chip): 17.72 of 30.75 GiB; v5e-8 (5 per chip): 8.70 of 15.75 GiB; 8xH100
-(5 per GPU): 8.37 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
+Hardware): TPU v4-8 (10 per chip): 17.72 of 30.75 GiB; v5p-8 (10 per chip): 18.29 of 95.74 GiB;
+v5e-8 (5 per chip): 8.70 of 15.75 GiB; 8xH100 (5 per GPU): 8.37 of 70.78 GiB. It fits the smallest
+listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=lip_hrnetv2w48 --targets=v4-8 --steps=train --dtypes=bfloat16`).
 The v4-8 compile needs about 33 GiB of host memory (README, Hardware).
 """

@@ -22,8 +22,8 @@ Settings: configs/mcibipp/_base.py (the reference's values, dataset by dataset).
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 8, compiled for the chips without one (scripts/aot_check.py; README, Hardware):
-TPU v4-8 (2 per chip): 5.06 of 30.75 GiB; 8xH100 (1 per GPU): 3.23 of 70.78 GiB. It fits the
-smallest listed slice, a TPU v4-8
+TPU v4-8 (2 per chip): 5.06 of 30.75 GiB; v5p-8 (2 per chip): 5.04 of 95.74 GiB; 8xH100 (1 per GPU):
+3.23 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=mcibipp/fcn_cityscapes --targets=v4-8 --steps=train --dtypes=bfloat16`).
 On v5e (15.75 GiB per chip) up to 4 images per chip were compiled and fit (9.77 GiB,
 `python scripts/aot_check.py --configs=mcibipp/fcn_cityscapes --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=4`):

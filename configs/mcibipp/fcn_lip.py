@@ -21,8 +21,8 @@ Settings: configs/mcibipp/_base.py (the reference's values, dataset by dataset).
 On TPUs and GPUs train in bfloat16: add `--config.model.dtype=bfloat16` to the command above
 (parameters, BatchNorm statistics and the memory stay float32). Device memory of the bfloat16 train
 step at the batch of 32, compiled for the chips without one (scripts/aot_check.py; README,
-Hardware): TPU v4-8 (8 per chip): 6.01 of 30.75 GiB; 8xH100 (4 per GPU): 4.64 of 70.78 GiB. It fits
-the smallest listed slice, a TPU v4-8
+Hardware): TPU v4-8 (8 per chip): 6.01 of 30.75 GiB; v5p-8 (8 per chip): 6.01 of 95.74 GiB; 8xH100
+(4 per GPU): 4.64 of 70.78 GiB. It fits the smallest listed slice, a TPU v4-8
 (`python scripts/aot_check.py --configs=mcibipp/fcn_lip --targets=v4-8 --steps=train --dtypes=bfloat16`).
 On v5e (15.75 GiB per chip) up to 8 images per chip were compiled and fit (6.01 GiB,
 `python scripts/aot_check.py --configs=mcibipp/fcn_lip --targets=v5e-8 --steps=train --dtypes=bfloat16 --per_device_batch=8`):
